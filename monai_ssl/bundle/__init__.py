@@ -1,0 +1,23 @@
+"""Building blocks that the bundle configs share (transform chains, paths, loss-term logging)."""
+
+from .components import (
+    IMAGE_SUFFIXES,
+    find_images,
+    inference_transforms_2d,
+    loss_terms,
+    mask_saver,
+    resolve_bundle_root,
+    segmentation_transforms_2d,
+    unlabeled_transforms_2d,
+)
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "find_images",
+    "inference_transforms_2d",
+    "loss_terms",
+    "mask_saver",
+    "resolve_bundle_root",
+    "segmentation_transforms_2d",
+    "unlabeled_transforms_2d",
+]

@@ -1,0 +1,172 @@
+"""Transform chains and helpers shared by the 2D bundle configs.
+
+One place for the preprocessing of every 2D bundle, so that training, validation, evaluation
+and inference see identical inputs. Images are read in natural (row, column) order
+(``reverse_indexing=False``) and masks are written back the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.data import PILReader
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    RandAffined,
+    RandFlipd,
+    Resized,
+    SaveImaged,
+    ScaleIntensityd,
+)
+
+from monai_ssl.data.transforms import BinarizeLabeld, ToGrayscaled, ValidateCased
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "find_images",
+    "inference_transforms_2d",
+    "loss_terms",
+    "mask_saver",
+    "resolve_bundle_root",
+    "segmentation_transforms_2d",
+    "unlabeled_transforms_2d",
+]
+
+#: File endings that the inference bundles accept.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz", ".dcm")
+
+
+def resolve_bundle_root(name: str) -> str:
+    """Absolute bundle folder: ``bundles/<name>`` from the repository root, else the current folder."""
+    candidate = Path("bundles") / name
+    return str(candidate.resolve() if candidate.is_dir() else Path(".").resolve())
+
+
+def _loader(keys: Sequence[str]) -> LoadImaged:
+    # PNG/JPG through PIL in natural row/column order; NIfTI/DICOM through MONAI's default readers
+    return LoadImaged(keys=keys, reader=[PILReader(reverse_indexing=False, converter=_to_8bit_or_gray)], image_only=True)
+
+
+def _to_8bit_or_gray(image: Any) -> Any:
+    """PIL converter: palette/1-bit/16-bit images to 8-bit gray; RGB(A) are kept (ToGrayscaled handles them)."""
+    return image.convert("L") if image.mode in ("P", "1", "LA", "I;16", "I") else image
+
+
+def segmentation_transforms_2d(
+    spatial_size: int | Sequence[int] = 224, augment: bool = False, keys: Sequence[str] = ("image", "label")
+) -> Compose:
+    """Load an image + binary mask pair, check it, scale to [0, 1] and resize to ``spatial_size``.
+
+    Checks (with errors naming the case): image and mask of the same size, at most two mask
+    values, finite intensities. ``augment`` adds random flips and a mild affine transform.
+    """
+    size = _pair(spatial_size)
+    image_key, label_key = keys
+    transforms: list = [
+        _loader(keys),
+        EnsureChannelFirstd(keys=keys),
+        ToGrayscaled(keys=image_key),
+        ValidateCased(keys=keys, binary_label=True, check_finite=True),
+        BinarizeLabeld(keys=label_key),
+        ScaleIntensityd(keys=image_key),
+        Resized(keys=keys, spatial_size=size, mode=("bilinear", "nearest")),
+    ]
+    if augment:
+        transforms += [
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
+            RandAffined(
+                keys=keys, prob=0.3, rotate_range=0.2, scale_range=0.1, mode=("bilinear", "nearest"), padding_mode="zeros"
+            ),
+        ]
+    transforms.append(EnsureTyped(keys=keys, dtype=torch.float32))
+    return Compose(transforms)
+
+
+def unlabeled_transforms_2d(spatial_size: int | Sequence[int] = 224, augment: bool = False, key: str = "image") -> Compose:
+    """Image-only version of :func:`segmentation_transforms_2d` for the unlabelled stream."""
+    size = _pair(spatial_size)
+    transforms: list = [
+        _loader([key]),
+        EnsureChannelFirstd(keys=key),
+        ToGrayscaled(keys=key),
+        ValidateCased(keys=key, binary_label=False, check_finite=True),
+        ScaleIntensityd(keys=key),
+        Resized(keys=key, spatial_size=size, mode="bilinear"),
+    ]
+    if augment:
+        transforms += [
+            RandFlipd(keys=key, prob=0.5, spatial_axis=1),
+            RandAffined(keys=key, prob=0.3, rotate_range=0.2, scale_range=0.1, mode="bilinear", padding_mode="zeros"),
+        ]
+    transforms.append(EnsureTyped(keys=key, dtype=torch.float32))
+    return Compose(transforms)
+
+
+def inference_transforms_2d(spatial_size: int | Sequence[int] = 224, key: str = "image") -> Compose:
+    """Preprocessing for inference: like training, but metadata is tracked so the output can be
+    inverted (``Invertd``) back to each image's original size."""
+    size = _pair(spatial_size)
+    return Compose(
+        [
+            _loader([key]),
+            EnsureChannelFirstd(keys=key),
+            ToGrayscaled(keys=key),
+            ValidateCased(keys=key, binary_label=False, check_finite=True),
+            ScaleIntensityd(keys=key),
+            Resized(keys=key, spatial_size=size, mode="bilinear"),
+            EnsureTyped(keys=key, dtype=torch.float32),
+        ]
+    )
+
+
+def mask_saver(output_dir: str, key: str = "pred", output_ext: str = ".png", meta_key_postfix: str = "meta_dict") -> SaveImaged:
+    """``SaveImaged`` writing 0/255 8-bit masks named after each input, in natural row order."""
+    saver = SaveImaged(
+        keys=key,
+        output_dir=output_dir,
+        output_postfix="mask",
+        output_ext=output_ext,
+        output_dtype="uint8",
+        resample=False,
+        separate_folder=False,
+        scale=255 if output_ext in (".png", ".jpg", ".bmp", ".tif") else None,
+        print_log=False,
+    )
+    if output_ext in (".png", ".jpg", ".bmp", ".tif"):
+        saver.saver.set_options(write_kwargs={"reverse_indexing": False})
+    return saver
+
+
+def find_images(folder: str | os.PathLike, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[dict[str, str]]:
+    """List ``{"image": path}`` for every image file in ``folder`` (sorted); error if there is none."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"input folder {root} does not exist")
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.name.lower().endswith(tuple(suffixes)))
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(suffixes)}) found in {root}")
+    return [{"image": str(p)} for p in files]
+
+
+def loss_terms(output: Any) -> dict[str, float]:
+    """``output_transform`` for StatsHandler/TensorBoard: the total loss and every ``loss_*`` term."""
+    if isinstance(output, list):
+        output = output[0]
+    if not isinstance(output, Mapping):
+        raise TypeError(f"expected the trainer output dict, got {type(output).__name__}")
+    return {k: float(v) for k, v in output.items() if k == "loss" or str(k).startswith("loss_")}
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    if len(size) != 2:
+        raise ValueError(f"2D spatial_size needs 2 entries, got {list(size)}")
+    return (int(size[0]), int(size[1]))

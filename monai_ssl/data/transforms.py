@@ -1,0 +1,175 @@
+"""Dictionary transforms that check and normalise loaded cases, with errors that name the case.
+
+Inside ``monai.transforms.Compose`` an exception is re-raised by MONAI as
+``RuntimeError("applying transform ...")`` *from* the original error, so the
+:class:`CaseError` message (with the case name) is the ``__cause__`` and is printed in the
+traceback ("The above exception was the direct cause of ...").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+from monai.utils import ensure_tuple
+
+__all__ = ["BinarizeLabeld", "CaseError", "ToGrayscaled", "ValidateCased", "case_name"]
+
+#: ITU-R BT.601 luma weights (the same as PIL's "L" conversion).
+_LUMA = (0.299, 0.587, 0.114)
+
+
+class CaseError(ValueError):
+    """A loaded case (image/label pair) is unusable; the message names the case."""
+
+
+def case_name(data: Mapping[Hashable, Any], keys: Sequence[Hashable] = ("image", "label")) -> str:
+    """Human-readable name of a case: ``case_id`` and/or the ``filename_or_obj`` of the first keyed MetaTensor."""
+    filename = None
+    for key in keys:
+        value = data.get(key)
+        if isinstance(value, MetaTensor) and value.meta.get("filename_or_obj"):
+            filename = str(value.meta["filename_or_obj"])
+            break
+    case_id = data.get("case_id")
+    if case_id is not None and filename is not None:
+        return f"case {case_id!r} ({filename})"
+    if case_id is not None:
+        return f"case {case_id!r}"
+    if filename is not None:
+        return f"case {filename}"
+    return "case <unnamed: no 'case_id' key and no filename_or_obj meta>"
+
+
+def _as_tensor(value: Any, name: str, key: Hashable) -> torch.Tensor:
+    """View ``value`` as a torch tensor, or raise a CaseError naming the case and key."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.as_tensor(value)
+    raise CaseError(f"{name}: {key!r} must be a tensor or numpy array after loading, got {type(value).__name__}")
+
+
+class ValidateCased(MapTransform):
+    """Check a loaded, channel-first case and raise :class:`CaseError` naming it when it is unusable.
+
+    Checks: all present keys share the same spatial size; labels (``label_keys``) of a binary
+    task have at most two distinct values; images have no NaN/Inf (``check_finite``); the
+    spatial size is at least ``min_spatial_size`` (``-1``/``None`` entries are not checked).
+    Place it after ``LoadImaged`` + ``EnsureChannelFirstd`` and before ``BinarizeLabeld``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("image", "label"),
+        binary_label: bool = True,
+        check_finite: bool = True,
+        min_spatial_size: Sequence[int | None] | None = None,
+        allow_missing_keys: bool = True,
+        label_keys: KeysCollection = ("label",),
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.binary_label = binary_label
+        self.check_finite = check_finite
+        self.min_spatial_size = None if min_spatial_size is None else tuple(min_spatial_size)
+        self.label_keys = set(ensure_tuple(label_keys))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Return ``data`` unchanged (as a dict) if the case passes every check."""
+        d = dict(data)
+        name = case_name(d, self.keys)
+        reference: tuple[Hashable, tuple[int, ...]] | None = None
+        for key in self.key_iterator(d):
+            t = _as_tensor(d[key], name, key)
+            if t.ndim < 2:
+                raise CaseError(f"{name}: {key!r} has shape {tuple(t.shape)}; expected channel-first (C, spatial...)")
+            spatial = tuple(int(s) for s in t.shape[1:])
+            if reference is None:
+                reference = (key, spatial)
+            elif spatial != reference[1]:
+                raise CaseError(
+                    f"{name}: spatial size mismatch: {reference[0]!r} is {reference[1]} but {key!r} is {spatial} "
+                    f"(full shapes {tuple(_as_tensor(d[reference[0]], name, reference[0]).shape)} and {tuple(t.shape)})"
+                )
+            if self.check_finite and t.is_floating_point():
+                n_bad = int((~torch.isfinite(t)).sum())
+                if n_bad:
+                    n_nan = int(torch.isnan(t).sum())
+                    raise CaseError(
+                        f"{name}: {key!r} has {n_bad} non-finite value(s) ({n_nan} NaN, {n_bad - n_nan} Inf) "
+                        f"out of {t.numel()}"
+                    )
+            if self.binary_label and key in self.label_keys:
+                values = torch.unique(torch.as_tensor(t).detach().reshape(-1))
+                if values.numel() > 2:
+                    shown = ", ".join(f"{v:g}" for v in values[:5].tolist())
+                    more = f", ... ({values.numel()} distinct values)" if values.numel() > 5 else ""
+                    raise CaseError(
+                        f"{name}: {key!r} has more than two distinct values in a binary task: {shown}{more} "
+                        "(is it a multi-class or interpolated mask?)"
+                    )
+            if self.min_spatial_size is not None:
+                self._check_min_size(name, key, spatial)
+        return d
+
+    def _check_min_size(self, name: str, key: Hashable, spatial: tuple[int, ...]) -> None:
+        """Raise when ``spatial`` is smaller than ``min_spatial_size`` in any checked dim."""
+        assert self.min_spatial_size is not None
+        if len(self.min_spatial_size) != len(spatial):
+            raise CaseError(
+                f"{name}: min_spatial_size {self.min_spatial_size} has {len(self.min_spatial_size)} dims but "
+                f"{key!r} has {len(spatial)} spatial dims {spatial}"
+            )
+        if any(m is not None and m > 0 and s < m for s, m in zip(spatial, self.min_spatial_size)):
+            raise CaseError(
+                f"{name}: {key!r} spatial size {spatial} is smaller than the required {self.min_spatial_size}; "
+                "pad it (e.g. SpatialPadd before cropping) or use a smaller crop/ROI size"
+            )
+
+
+class BinarizeLabeld(MapTransform):
+    """Map a label to float32 {0, 1}: any nonzero value becomes 1 (use after :class:`ValidateCased`)."""
+
+    def __init__(self, keys: KeysCollection = "label", allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Return a copy of ``data`` with each key binarised (MetaTensor meta is kept)."""
+        d = dict(data)
+        name = case_name(d, self.keys)
+        for key in self.key_iterator(d):
+            d[key] = (_as_tensor(d[key], name, key) != 0).to(torch.float32)
+        return d
+
+
+class ToGrayscaled(MapTransform):
+    """Convert a channel-first RGB/RGBA image to one luminance channel (BT.601 weights; alpha ignored).
+
+    One-channel images pass unchanged; any other channel count raises :class:`CaseError`.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Return a copy of ``data`` with each key reduced to one channel (float32 when converted)."""
+        d = dict(data)
+        name = case_name(d, self.keys)
+        for key in self.key_iterator(d):
+            t = _as_tensor(d[key], name, key)
+            channels = int(t.shape[0]) if t.ndim >= 3 else -1
+            if channels == 1:
+                continue
+            if channels not in (3, 4):
+                raise CaseError(
+                    f"{name}: {key!r} has shape {tuple(t.shape)}; expected a channel-first 2D/3D image with "
+                    "1, 3 (RGB) or 4 (RGBA) channels (did EnsureChannelFirstd run?)"
+                )
+            weights = torch.tensor(_LUMA, dtype=torch.float32).reshape(3, *([1] * (t.ndim - 1)))
+            d[key] = (t[:3].to(torch.float32) * weights).sum(dim=0, keepdim=True)
+        return d

@@ -1,0 +1,208 @@
+"""Semi-supervised trainer: a MONAI ``SupervisedTrainer`` with a second, unlabelled data stream."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+from monai.data import MetaTensor
+from monai.engines import SupervisedTrainer
+from monai.engines.trainer import Trainer
+from monai.engines.utils import IterationEvents, default_prepare_batch
+from monai.utils.enums import CommonKeys as Keys
+from torch.optim import Optimizer
+
+__all__ = ["SemiSupervisedTrainer", "Objective", "autocast_context"]
+
+logger = logging.getLogger(__name__)
+
+
+class Objective(Protocol):
+    """A method's loss: named, already weighted loss terms for one labelled + unlabelled batch.
+
+    ``labeled`` holds ``image`` and ``label`` tensors on the training device; ``unlabeled`` holds
+    ``image`` (or is ``None`` when training is supervised only). The returned mapping must contain
+    the student's prediction for the labelled images under ``"pred"`` and one scalar tensor per
+    loss term whose name starts with ``"loss_"``; the trainer sums the terms and back-propagates.
+    """
+
+    def __call__(
+        self, engine: "SemiSupervisedTrainer", labeled: dict[str, torch.Tensor], unlabeled: dict[str, torch.Tensor] | None
+    ) -> Mapping[str, torch.Tensor]: ...
+
+
+def autocast_context(device: torch.device, enabled: bool, dtype: torch.dtype | None = None) -> contextlib.AbstractContextManager:
+    """Mixed-precision context: float16 autocast on CUDA, bfloat16 autocast on CPU, nothing when disabled."""
+    if not enabled:
+        return contextlib.nullcontext()
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=dtype or torch.float16)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16)
+
+
+class SemiSupervisedTrainer(SupervisedTrainer):
+    """``SupervisedTrainer`` whose iterations draw a labelled and an unlabelled batch.
+
+    The labelled loader is the main loader (so bundle properties and MONAI Label work unchanged).
+    The unlabelled loader is cycled beside it: its iterator restarts at every epoch (after the
+    sampler's ``set_epoch``), and again when it runs out within an epoch, so that a run resumed
+    from an epoch-boundary checkpoint draws exactly the batches an uninterrupted run would have.
+    Set ``epoch_length`` (e.g. the longer of the two loaders) to decide what an epoch means.
+
+    Every ``IterationEvents`` is fired (``FORWARD_COMPLETED``, ``LOSS_COMPLETED``,
+    ``BACKWARD_COMPLETED``, ``MODEL_COMPLETED``) and ``state.output`` holds ``image``, ``label``,
+    ``pred``, ``loss`` and each named loss term (detached) for StatsHandler/TensorBoard.
+
+    Args:
+        device, max_epochs, train_data_loader, network, optimizer: as ``SupervisedTrainer``.
+        objective: the method's :class:`Objective`.
+        unlabeled_data_loader: loader of unlabelled batches (dicts with ``image``); ``None`` or an
+            empty loader trains supervised only, with a warning.
+        extra_optimizers: further optimisers stepped with ``optimizer`` (e.g. a second network's).
+        amp: mixed precision; bfloat16 autocast on CPU, float16 with a grad scaler on CUDA.
+        amp_dtype: override the autocast dtype.
+        channels_last: move the network and inputs to channels-last memory format.
+        loss_function: kept for compatibility; the objective computes the loss.
+        kwargs: every other ``SupervisedTrainer`` argument (handlers, epoch_length, ...).
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network: torch.nn.Module,
+        optimizer: Optimizer,
+        objective: Objective,
+        unlabeled_data_loader: Iterable | None = None,
+        extra_optimizers: Sequence[Optimizer] = (),
+        amp: bool = False,
+        amp_dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+        loss_function: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=loss_function,
+            amp=amp,
+            **kwargs,
+        )
+        self.objective = objective
+        self.extra_optimizers = list(extra_optimizers)
+        self.amp_dtype = amp_dtype
+        self.channels_last = channels_last
+        if channels_last:
+            self.network.to(memory_format=torch.channels_last)
+        self.unlabeled_data_loader = unlabeled_data_loader
+        if unlabeled_data_loader is None or _is_empty(unlabeled_data_loader):
+            warnings.warn(
+                "SemiSupervisedTrainer: no unlabelled data; training is supervised only "
+                "(the objective's unsupervised terms are skipped).",
+                stacklevel=2,
+            )
+            self.unlabeled_data_loader = None
+        self._unlabeled_iter: Iterator | None = None
+        self._unlabeled_cycle = 0
+        if self.unlabeled_data_loader is not None:
+            from ignite.engine import Events
+
+            self.add_event_handler(Events.EPOCH_STARTED, self._restart_unlabeled)
+
+    @property
+    def optimizers(self) -> list[Optimizer]:
+        """The main optimiser followed by ``extra_optimizers``."""
+        return [self.optimizer, *self.extra_optimizers]
+
+    def run(self) -> None:  # type: ignore[override]
+        """Run training; a CUDA grad scaler is made only for CUDA float16 autocast."""
+        use_scaler = self.amp and self.state.device.type == "cuda" and self.amp_dtype in (None, torch.float16)
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        super(Trainer, self).run()  # skip Trainer.run, which always makes a CUDA scaler
+
+    def _restart_unlabeled(self, engine: "SemiSupervisedTrainer") -> None:
+        self._unlabeled_cycle = 0
+        self._unlabeled_iter = self._new_unlabeled_iter(engine.state.epoch)
+
+    def _new_unlabeled_iter(self, epoch: int) -> Iterator:
+        loader = self.unlabeled_data_loader
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            # distinct shuffles for each pass within an epoch, reproducible from the epoch number
+            sampler.set_epoch(epoch * 1000 + self._unlabeled_cycle)
+        return iter(loader)  # type: ignore[arg-type]
+
+    def next_unlabeled_batch(self) -> Any:
+        """Return the next unlabelled batch, restarting the loader when it runs out."""
+        if self._unlabeled_iter is None:
+            self._unlabeled_iter = self._new_unlabeled_iter(self.state.epoch)
+        try:
+            return next(self._unlabeled_iter)
+        except StopIteration:
+            self._unlabeled_cycle += 1
+            self._unlabeled_iter = self._new_unlabeled_iter(self.state.epoch)
+            return next(self._unlabeled_iter)
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        if isinstance(batch, MetaTensor):  # plain tensors: MetaTensor bookkeeping slows every op
+            batch = batch.as_tensor()
+        batch = batch.to(self.state.device, non_blocking=self.non_blocking, **self.to_kwargs)
+        if self.channels_last and batch.dim() == 4:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def _iteration(self, engine: "SemiSupervisedTrainer", batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
+        """One step: prepare both batches, call the objective, back-propagate, step every optimiser."""
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[:2]
+        labeled = {Keys.IMAGE: self._to_device(inputs), Keys.LABEL: self._to_device(targets)}
+        unlabeled = None
+        if self.unlabeled_data_loader is not None:
+            u_batch = self.next_unlabeled_batch()
+            u_images = default_prepare_batch(u_batch, engine.state.device, engine.non_blocking)[0]
+            unlabeled = {Keys.IMAGE: self._to_device(u_images)}
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+
+        engine.network.train()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=engine.optim_set_to_none)
+        with autocast_context(engine.state.device, engine.amp, self.amp_dtype):
+            result = self.objective(engine, labeled, unlabeled)
+            engine.state.output[Keys.PRED] = result[Keys.PRED]
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            terms = {k: v for k, v in result.items() if k.startswith("loss_")}
+            if not terms:
+                raise ValueError(f"{type(self.objective).__name__} returned no 'loss_*' term (keys: {sorted(result)})")
+            loss = torch.stack([t.float() for t in terms.values()]).sum()
+            engine.state.output[Keys.LOSS] = loss
+            engine.state.output.update({k: v.detach() for k, v in terms.items()})
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        if engine.scaler is not None:
+            engine.scaler.scale(loss).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            for opt in self.optimizers:
+                engine.scaler.step(opt)
+            engine.scaler.update()
+        else:
+            loss.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            for opt in self.optimizers:
+                opt.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+def _is_empty(loader: Iterable) -> bool:
+    try:
+        return len(loader) == 0  # type: ignore[arg-type]
+    except TypeError:
+        return False
