@@ -13,6 +13,7 @@ from monai.data import MetaTensor
 from monai.engines import SupervisedTrainer
 from monai.engines.trainer import Trainer
 from monai.engines.utils import IterationEvents, default_prepare_batch
+from ignite.engine import Events
 from monai.utils.enums import CommonKeys as Keys
 from torch.optim import Optimizer
 
@@ -48,10 +49,11 @@ class SemiSupervisedTrainer(SupervisedTrainer):
     """``SupervisedTrainer`` whose iterations draw a labelled and an unlabelled batch.
 
     The labelled loader is the main loader (so bundle properties and MONAI Label work unchanged).
-    The unlabelled loader is cycled beside it: its iterator restarts at every epoch (after the
-    sampler's ``set_epoch``), and again when it runs out within an epoch, so that a run resumed
-    from an epoch-boundary checkpoint draws exactly the batches an uninterrupted run would have.
-    Set ``epoch_length`` (e.g. the longer of the two loaders) to decide what an epoch means.
+    The unlabelled loader is cycled beside it. Both iterators restart at every epoch (after the
+    samplers' ``set_epoch``) and again whenever they run out within an epoch, so that a run
+    resumed from an epoch-boundary checkpoint draws exactly the batches an uninterrupted run
+    would have. Set ``epoch_length`` (e.g. the longer of the two loaders) to decide what an
+    epoch means.
 
     Every ``IterationEvents`` is fired (``FORWARD_COMPLETED``, ``LOSS_COMPLETED``,
     ``BACKWARD_COMPLETED``, ``MODEL_COMPLETED``) and ``state.output`` holds ``image``, ``label``,
@@ -112,10 +114,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             self.unlabeled_data_loader = None
         self._unlabeled_iter: Iterator | None = None
         self._unlabeled_cycle = 0
-        if self.unlabeled_data_loader is not None:
-            from ignite.engine import Events
-
-            self.add_event_handler(Events.EPOCH_STARTED, self._restart_unlabeled)
+        self.add_event_handler(Events.EPOCH_STARTED, self._restart_loaders)
 
     @property
     def optimizers(self) -> list[Optimizer]:
@@ -128,9 +127,13 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         super(Trainer, self).run()  # skip Trainer.run, which always makes a CUDA scaler
 
-    def _restart_unlabeled(self, engine: "SemiSupervisedTrainer") -> None:
-        self._unlabeled_cycle = 0
-        self._unlabeled_iter = self._new_unlabeled_iter(engine.state.epoch)
+    def _restart_loaders(self, engine: "SemiSupervisedTrainer") -> None:
+        """Start both loaders afresh at every epoch, so an epoch's batches depend only on the
+        random state at its start (what a resumed run restores), whatever ``epoch_length`` is."""
+        engine.set_data(self.data_loader)
+        if self.unlabeled_data_loader is not None:
+            self._unlabeled_cycle = 0
+            self._unlabeled_iter = self._new_unlabeled_iter(engine.state.epoch)
 
     def _new_unlabeled_iter(self, epoch: int) -> Iterator:
         loader = self.unlabeled_data_loader

@@ -60,11 +60,13 @@ def _to_numpy(x: Any) -> np.ndarray:
 def _binary_mask(x: Any, name: str) -> np.ndarray:
     """Validate a 0/1 (or bool) mask without channel dim and return it as bool."""
     arr = _to_numpy(x)
-    if arr.ndim in (3, 4) and arr.shape[0] == 1:
+    shape = arr.shape
+    if arr.ndim in (3, 4) and shape[0] == 1:
         arr = arr[0]
     if arr.ndim not in (2, 3):
-        raise ValueError(f"{name} must be a 2D or 3D mask (optionally with a leading singleton channel), "
-                         f"got shape {tuple(_to_numpy(x).shape)}")
+        raise ValueError(
+            f"{name} must be a 2D or 3D mask (optionally with a leading singleton channel), got shape {shape}"
+        )
     if arr.dtype != bool:
         if np.any((arr != 0) & (arr != 1)):
             raise ValueError(f"{name} must be binary (0/1 or bool); binarise probabilities first")

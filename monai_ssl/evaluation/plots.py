@@ -55,8 +55,9 @@ def plot_training_curves(log_path: str | os.PathLike, out_png: str | os.PathLike
 
     Keys starting with ``val_`` go on a "validation" panel, all others (losses and
     other training scalars) on a "training" panel (log y-scale when all its values are
-    positive); ``epoch``/``iteration`` are not plotted. If an iteration appears more than once (a resumed run), the latest line
-    wins. Uses the Agg canvas (no display needed); the PNG is written atomically.
+    positive); ``epoch``/``iteration`` are not plotted. If an iteration appears more than
+    once (a resumed run), the latest line wins. Uses the Agg canvas (no display needed);
+    the PNG is written atomically.
 
     Raises:
         ValueError: if a line lacks ``iteration`` or the log has no numeric series.
