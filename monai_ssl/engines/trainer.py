@@ -29,6 +29,8 @@ class Objective(Protocol):
     ``image`` (or is ``None`` when training is supervised only). The returned mapping must contain
     the student's prediction for the labelled images under ``"pred"`` and one scalar tensor per
     loss term whose name starts with ``"loss_"``; the trainer sums the terms and back-propagates.
+    An objective that never uses unlabelled data sets ``uses_unlabeled_data = False`` (the
+    trainer then does not warn when there is none).
     """
 
     def __call__(
@@ -104,14 +106,15 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         self.channels_last = channels_last
         if channels_last:
             self.network.to(memory_format=torch.channels_last)
-        self.unlabeled_data_loader = unlabeled_data_loader
-        if unlabeled_data_loader is None or _is_empty(unlabeled_data_loader):
+        if unlabeled_data_loader is not None and _is_empty(unlabeled_data_loader):
+            unlabeled_data_loader = None
+        if unlabeled_data_loader is None and getattr(objective, "uses_unlabeled_data", True):
             warnings.warn(
                 "SemiSupervisedTrainer: no unlabelled data; training is supervised only "
                 "(the objective's unsupervised terms are skipped).",
                 stacklevel=2,
             )
-            self.unlabeled_data_loader = None
+        self.unlabeled_data_loader = unlabeled_data_loader
         self._unlabeled_iter: Iterator | None = None
         self._unlabeled_cycle = 0
         self.add_event_handler(Events.EPOCH_STARTED, self._restart_loaders)

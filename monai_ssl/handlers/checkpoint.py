@@ -119,9 +119,21 @@ class ResumeCheckpoint:
             raise RuntimeError(f"resume checkpoint {self.path} lacks {missing}; it was written by another configuration")
         max_epochs = engine.state.max_epochs
         for name, obj in self.save_dict.items():
-            _unwrap(obj).load_state_dict(state[name])
+            try:
+                _unwrap(obj).load_state_dict(state[name])
+            except Exception as exc:
+                raise RuntimeError(
+                    f"resume checkpoint {self.path}: cannot restore {name!r} ({exc}); it was written by another "
+                    "configuration: delete it or use another output folder to start afresh"
+                ) from exc
         engine.state.max_epochs = max_epochs
-        logger.info(f"resumed from {self.path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+        if engine.state.epoch >= max_epochs:
+            logger.warning(
+                f"{self.path} is already at epoch {engine.state.epoch} of max_epochs {max_epochs}: nothing to train; "
+                "raise max_epochs to continue, or delete the checkpoint to start afresh"
+            )
+        else:
+            logger.info(f"resumed from {self.path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
 
 
 class BestModelSaver:

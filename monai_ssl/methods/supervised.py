@@ -17,6 +17,8 @@ class SupervisedObjective:
         loss_function: e.g. ``monai.losses.DiceCELoss(sigmoid=True)`` (BCE + Dice on logits).
     """
 
+    uses_unlabeled_data = False
+
     def __init__(self, loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         self.loss_function = loss_function
 

@@ -1,0 +1,171 @@
+"""Conformance of every 2D bundle with MONAI's bundle contract, and end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
+from PIL import Image
+
+from bundle_utils import BUNDLES_2D, REPO_ROOT, config_path, make_workflow, tiny_dataset_dir, tiny_overrides
+from monai_ssl.bundle.conformance import check_metadata
+
+
+def build_network(bundle: str) -> torch.nn.Module:
+    parser = ConfigParser()
+    parser.read_config(config_path(bundle, "inference.json"))
+    return parser.get_parsed_content("network_def")
+
+
+@pytest.mark.parametrize("bundle", BUNDLES_2D)
+def test_bundle_files_and_metadata(bundle: str) -> None:
+    root = REPO_ROOT / "bundles" / bundle
+    for rel in ["LICENSE", "docs/README.md", *(f"configs/{c}" for c in
+                ["metadata.json", "train.json", "evaluate.json", "inference.json", "multi_gpu_train.json", "logging.conf"])]:
+        assert (root / rel).is_file(), f"{bundle}: {rel} missing"
+    check_metadata(root / "configs" / "metadata.json")
+
+
+def test_metadata_check_rejects_a_missing_key(tmp_path: Path) -> None:
+    meta = json.loads(Path(config_path("supervised", "metadata.json")).read_text())
+    del meta["network_data_format"]["inputs"]["image"]["dtype"]
+    bad = tmp_path / "metadata.json"
+    bad.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="dtype"):
+        check_metadata(bad)
+
+
+@pytest.mark.parametrize("bundle", BUNDLES_2D)
+def test_properties_are_complete(bundle: str, tmp_path: Path) -> None:
+    for config, kind in (("train.json", "train"), ("inference.json", "inference")):
+        data = tiny_dataset_dir() + ("/images" if kind == "inference" else "")
+        wf = make_workflow(bundle, [config], kind, bundle_root=str(tmp_path), dataset_dir=data)
+        wf.initialize()
+        assert wf.check_properties() == [], f"{bundle}/{config}: missing properties"
+
+
+@pytest.mark.parametrize("bundle", BUNDLES_2D)
+def test_verify_net_in_out(bundle: str) -> None:
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=config_path(bundle, "metadata.json"),
+        config_file=config_path(bundle, "inference.json"),
+        n=2,
+        device="cpu",
+    )
+
+
+@pytest.mark.parametrize("bundle", BUNDLES_2D)
+def test_torchscript_and_torch_export_match_eager(bundle: str, tmp_path: Path) -> None:
+    net = build_network(bundle).eval()
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    ts_path = tmp_path / "model.ts"
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(ts_path),
+        ckpt_file=str(tmp_path / "model.pt"),
+        meta_file=config_path(bundle, "metadata.json"),
+        config_file=config_path(bundle, "inference.json"),
+    )
+    scripted = torch.jit.load(str(ts_path))
+    exported = torch.export.export(
+        net, (torch.rand(2, 1, 64, 64),), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=32)},)
+    ).module()
+    for batch in (1, 2):
+        x = torch.rand(batch, 1, 64, 64)
+        with torch.no_grad():
+            ref = net(x)
+            torch.testing.assert_close(scripted(x), ref, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(exported(x), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bundle", BUNDLES_2D)
+def test_one_epoch_lowers_the_loss_then_evaluate_and_infer(bundle: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    wf = make_workflow(bundle, ["train.json"], **tiny_overrides(tmp_path, epoch_length=24, learning_rate=0.003))
+    wf.initialize()
+    losses: list[float] = []
+    wf.trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss_sup"])))
+    wf.run()
+    wf.finalize()
+    assert len(losses) == 24
+    assert np.mean(losses[-6:]) < np.mean(losses[:6]), f"supervised loss did not fall: {losses}"
+    model_pt = tmp_path / "models" / "model.pt"
+    state = torch.load(model_pt, weights_only=True)
+    build_network(bundle).load_state_dict(state, strict=True)  # bare state dict, loadable strictly
+    assert (tmp_path / "runs" / "resume.pt").is_file()
+    assert (tmp_path / "runs" / "training_curves.png").is_file()
+
+    # the evaluate overlay merged on train.json: per-case CSV, summary and overlays for the test split
+    ev = make_workflow(bundle, ["train.json", "evaluate.json"], **tiny_overrides(tmp_path))
+    ev.initialize()
+    ev.run()
+    ev.finalize()
+    summary = json.loads((tmp_path / "eval" / "metrics_summary.json").read_text())
+    assert summary["n_cases"] == 4 and 0.0 <= summary["metrics"]["dice"]["mean"] <= 1.0
+    assert len(list((tmp_path / "eval" / "overlays").glob("*.png"))) == 4
+
+    # inference on a folder of mixed inputs writes one mask per image at the image's own size
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    src = sorted(Path(tiny_dataset_dir(), "images").glob("*.png"))[0]
+    Image.open(src).resize((90, 70)).convert("RGB").save(inputs / "photo.jpg")
+    Image.open(src).save(inputs / "scan.png")
+    inf = make_workflow(bundle, ["inference.json"], "inference", bundle_root=str(tmp_path), dataset_dir=str(inputs),
+                        spatial_size=64)
+    inf.initialize()
+    inf.run()
+    inf.finalize()
+    out = {p.name: Image.open(p) for p in (tmp_path / "inference").glob("*.png")}
+    assert sorted(out) == ["photo_mask.png", "scan_mask.png"]
+    assert out["photo_mask.png"].size == (90, 70)
+    assert set(np.unique(np.asarray(out["scan_mask.png"]))) <= {0, 255}
+
+
+def test_missing_file_in_datalist_is_named(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    src = Path(tiny_dataset_dir())
+    datalist = json.loads((src / "datalist.json").read_text())
+    datalist["labeled"][0]["image"] = "images/not_there.png"
+    (data_dir / "datalist.json").write_text(json.dumps(datalist))
+    for sub in ("images", "labels"):
+        os.symlink(src / sub, data_dir / sub)
+    wf = make_workflow("supervised", ["train.json"], **tiny_overrides(tmp_path, dataset_dir=str(data_dir)))
+    with pytest.raises(Exception) as info:
+        wf.initialize()
+        wf.run()
+    # MONAI's config parser wraps the error; the traceback a user sees shows the whole chain
+    chain, exc = [], info.value
+    while exc is not None:
+        chain.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    assert any("not_there.png" in msg and "labeled" in msg for msg in chain), chain
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(tmp_path: Path) -> None:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    overrides = tiny_overrides(tmp_path, max_epochs=2)
+    args = [f"--{k}={v}" for k, v in overrides.items()]
+    cmd = [
+        str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run",
+        "--config_file", f"['{config_path('mean_teacher', 'train.json')}','{config_path('mean_teacher', 'multi_gpu_train.json')}']",
+        "--meta_file", config_path("mean_teacher", "metadata.json"),
+        "--logging_file", config_path("mean_teacher", "logging.conf"),
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "models" / "model.pt").is_file()
+    state = torch.load(tmp_path / "runs" / "resume.pt", weights_only=False)
+    assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"]
