@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "DATALIST_KEYS",
     "DatalistError",
     "case_id_from_path",
     "load_datalist",
@@ -40,8 +39,6 @@ __all__ = [
     "scan_dataset_dir",
 ]
 
-#: The list-valued keys of a datalist, in the order they are written.
-DATALIST_KEYS: tuple[str, ...] = ("labeled", "unlabeled", "validation", "test")
 #: Keys whose entries must carry a ``label``.
 _KEYS_NEEDING_LABELS: tuple[str, ...] = ("labeled", "validation")
 #: Entry fields holding paths relative to the dataset directory.
@@ -70,14 +67,14 @@ def save_datalist(path: str | Path, datalist: Mapping[str, Any]) -> None:
     """Write ``datalist`` as JSON (indent 4) atomically: temp file in the same folder, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # umask permissions
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "x", encoding="utf-8") as f:
             json.dump(datalist, f, indent=4)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -86,7 +83,7 @@ def _resolve_entry_path(rel: Any, root: str, where: str, problems: list[str]) ->
     if not isinstance(rel, str) or not rel:
         problems.append(f"{where}: expected a non-empty relative path string, got {rel!r}")
         return None
-    if os.path.isabs(rel) or Path(rel).is_absolute():
+    if os.path.isabs(rel):
         problems.append(f"{where}: absolute path {rel!r} is not allowed (paths are relative to the dataset dir)")
         return None
     full = os.path.normpath(os.path.join(root, rel))
@@ -128,8 +125,9 @@ def load_datalist(
         raise DatalistError(f"datalist file {datalist_path}: no labelled cases under key 'labeled' (the list is empty)")
 
     root = os.path.normpath(os.path.abspath(os.path.expanduser(str(dataset_dir))))
+    hint = f" (expected: {content['dataset_dir_hint']})" if content.get("dataset_dir_hint") else ""
     if check_files and not os.path.isdir(root):
-        raise DatalistError(f"datalist file {datalist_path}, key {key!r}: dataset dir {root} does not exist")
+        raise DatalistError(f"datalist file {datalist_path}, key {key!r}: dataset dir {root} does not exist{hint}")
 
     problems: list[str] = []
     missing: list[str] = []
@@ -145,19 +143,24 @@ def load_datalist(
             problems.append(f"{where} ({entry.get('image', '?')}): missing field(s) {absent}")
             continue
         item = dict(entry)
+        n_problems = len(problems)
         for field in _PATH_FIELDS:
             if field not in entry:
                 continue
             values = entry[field] if isinstance(entry[field], list) else [entry[field]]
+            if not values:
+                problems.append(f"{where} {field}: empty list of paths")
+                continue
             resolved = [_resolve_entry_path(v, root, f"{where} {field}", problems) for v in values]
             if any(r is None for r in resolved):
                 continue
             if check_files:
                 missing.extend(r for r in resolved if not os.path.isfile(r))
             item[field] = resolved if isinstance(entry[field], list) else resolved[0]
-        first_image = item["image"][0] if isinstance(item["image"], list) else item["image"]
-        if "case_id" not in item and isinstance(first_image, str):
-            item["case_id"] = case_id_from_path(first_image)
+        if len(problems) > n_problems:
+            continue
+        if "case_id" not in item:
+            item["case_id"] = case_id_from_path(item["image"][0] if isinstance(item["image"], list) else item["image"])
         out.append(item)
 
     if problems:
@@ -167,8 +170,8 @@ def load_datalist(
         )
     if missing:
         raise DatalistError(
-            f"datalist file {datalist_path}, key {key!r}: {len(missing)} file(s) missing under dataset dir {root} "
-            f"(was the data prepared there? see 'dataset_dir_hint' in the datalist):\n  " + "\n  ".join(missing)
+            f"datalist file {datalist_path}, key {key!r}: {len(missing)} file(s) missing under dataset dir {root}"
+            f"{hint}:\n  " + "\n  ".join(missing)
         )
     return out
 

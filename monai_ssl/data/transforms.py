@@ -59,7 +59,7 @@ class ValidateCased(MapTransform):
     """Check a loaded, channel-first case and raise :class:`CaseError` naming it when it is unusable.
 
     Checks: all present keys share the same spatial size; labels (``label_keys``) of a binary
-    task have at most two distinct values; images have no NaN/Inf (``check_finite``); the
+    task have at most two distinct values; no key holds NaN/Inf (``check_finite``); the
     spatial size is at least ``min_spatial_size`` (``-1``/``None`` entries are not checked).
     Place it after ``LoadImaged`` + ``EnsureChannelFirstd`` and before ``BinarizeLabeld``.
     """
@@ -105,7 +105,7 @@ class ValidateCased(MapTransform):
                         f"out of {t.numel()}"
                     )
             if self.binary_label and key in self.label_keys:
-                values = torch.unique(torch.as_tensor(t).detach().reshape(-1))
+                values = torch.unique(t.detach().reshape(-1))
                 if values.numel() > 2:
                     shown = ", ".join(f"{v:g}" for v in values[:5].tolist())
                     more = f", ... ({values.numel()} distinct values)" if values.numel() > 5 else ""
@@ -114,22 +114,22 @@ class ValidateCased(MapTransform):
                         "(is it a multi-class or interpolated mask?)"
                     )
             if self.min_spatial_size is not None:
-                self._check_min_size(name, key, spatial)
+                _check_min_size(name, key, spatial, self.min_spatial_size)
         return d
 
-    def _check_min_size(self, name: str, key: Hashable, spatial: tuple[int, ...]) -> None:
-        """Raise when ``spatial`` is smaller than ``min_spatial_size`` in any checked dim."""
-        assert self.min_spatial_size is not None
-        if len(self.min_spatial_size) != len(spatial):
-            raise CaseError(
-                f"{name}: min_spatial_size {self.min_spatial_size} has {len(self.min_spatial_size)} dims but "
-                f"{key!r} has {len(spatial)} spatial dims {spatial}"
-            )
-        if any(m is not None and m > 0 and s < m for s, m in zip(spatial, self.min_spatial_size)):
-            raise CaseError(
-                f"{name}: {key!r} spatial size {spatial} is smaller than the required {self.min_spatial_size}; "
-                "pad it (e.g. SpatialPadd before cropping) or use a smaller crop/ROI size"
-            )
+
+def _check_min_size(name: str, key: Hashable, spatial: tuple[int, ...], min_size: tuple[int | None, ...]) -> None:
+    """Raise a CaseError when ``spatial`` is smaller than ``min_size`` in a checked dim (-1/None: unchecked)."""
+    if len(min_size) != len(spatial):
+        raise CaseError(
+            f"{name}: min_spatial_size {min_size} has {len(min_size)} dims but {key!r} has {len(spatial)} "
+            f"spatial dims {spatial}"
+        )
+    if any(m is not None and m > 0 and s < m for s, m in zip(spatial, min_size)):
+        raise CaseError(
+            f"{name}: {key!r} spatial size {spatial} is smaller than the required {min_size}; "
+            "pad it (e.g. SpatialPadd before cropping) or use a smaller crop/ROI size"
+        )
 
 
 class BinarizeLabeld(MapTransform):
