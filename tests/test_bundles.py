@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 import pytest
 import torch
 from ignite.engine import Events
@@ -119,15 +121,21 @@ def test_one_epoch_lowers_the_loss_then_evaluate_and_infer(bundle: str, tmp_path
     src = sorted(Path(tiny_dataset_dir(), "images").glob("*.png"))[0]
     Image.open(src).resize((90, 70)).convert("RGB").save(inputs / "photo.jpg")
     Image.open(src).save(inputs / "scan.png")
+    pixels = np.asarray(Image.open(src))
+    nib.save(nib.Nifti1Image(pixels.T.astype(np.float32), np.diag([0.5, 0.5, 1.0, 1.0])), inputs / "frame.nii.gz")
+    sitk.WriteImage(sitk.GetImageFromArray(pixels[:40, :50]), str(inputs / "still.dcm"))  # 50 wide, 40 high
     inf = make_workflow(bundle, ["inference.json"], "inference", bundle_root=str(tmp_path), dataset_dir=str(inputs),
                         spatial_size=64)
     inf.initialize()
     inf.run()
     inf.finalize()
     out = {p.name: Image.open(p) for p in (tmp_path / "inference").glob("*.png")}
-    assert sorted(out) == ["photo_mask.png", "scan_mask.png"]
-    assert out["photo_mask.png"].size == (90, 70)
+    assert sorted(out) == ["photo_mask.png", "scan_mask.png", "still_mask.png"]
+    assert out["photo_mask.png"].size == (90, 70) and out["still_mask.png"].size == (50, 40)
     assert set(np.unique(np.asarray(out["scan_mask.png"]))) <= {0, 255}
+    nifti_mask = nib.load(tmp_path / "inference" / "frame_mask.nii.gz")
+    assert nifti_mask.shape == (64, 64)
+    np.testing.assert_allclose(nifti_mask.affine, np.diag([0.5, 0.5, 1.0, 1.0]))
 
 
 def test_missing_file_in_datalist_is_named(tmp_path: Path) -> None:

@@ -202,7 +202,7 @@ def test_save_overlay_2d(tmp_path) -> None:
     truth = _square((32, 40), (4, 4), 8)
     pred = _square((32, 40), (20, 25), 8)
     path = tmp_path / "o" / "case.png"
-    save_overlay(image[None], truth, pred, path, title="case")
+    save_overlay(image[None], truth, pred, path, title="case", xy_order=False)
     k = 256 // 40
     rgb = np.asarray(Image.open(path).convert("RGB"))
     assert rgb.shape == (32 * k + 16, 40 * k, 3)
@@ -218,13 +218,23 @@ def test_save_overlay_2d(tmp_path) -> None:
     assert not green[8 * k, 8 * k] and not red[24 * k, 29 * k]
 
 
+def test_save_overlay_xy_order_shows_the_array_transposed(tmp_path) -> None:
+    truth = _square((32, 40), (4, 20), 8)  # MONAI [x, y] order: x in 4..11, y in 20..27
+    save_overlay(np.zeros((32, 40)), truth, np.zeros((32, 40)), tmp_path / "xy.png")
+    k = 256 // 40
+    rgb = np.asarray(Image.open(tmp_path / "xy.png").convert("RGB"))[16:]
+    assert rgb.shape[:2] == (40 * k, 32 * k)  # 32 wide (x), 40 high (y)
+    gy, gx = np.nonzero((rgb[..., 1] == 255) & (rgb[..., 0] == 0))
+    assert gx.min() >= 4 * k and gx.max() < 12 * k and gy.min() >= 20 * k and gy.max() < 28 * k
+
+
 def test_save_overlay_3d_and_empty(tmp_path) -> None:
     image = np.random.default_rng(0).random((300, 260, 5))
     truth = np.zeros((300, 260, 5), dtype=bool)
     truth[10:50, 10:50, 3] = True
     truth[20:30, 20:30, 1] = True
     pred = np.zeros_like(truth)
-    save_overlay(image, truth, pred, tmp_path / "a.png")
+    save_overlay(image, truth, pred, tmp_path / "a.png", xy_order=False)
     rgb = np.asarray(Image.open(tmp_path / "a.png").convert("RGB"))[16:]
     green = (rgb[..., 0] == 0) & (rgb[..., 1] == 255) & (rgb[..., 2] == 0)
     assert rgb.shape[:2] == (300, 260)

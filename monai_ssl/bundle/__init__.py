@@ -2,10 +2,10 @@
 
 from .components import (
     IMAGE_SUFFIXES,
+    SaveMaskd,
     find_images,
     inference_transforms_2d,
     loss_terms,
-    mask_saver,
     resolve_bundle_root,
     segmentation_transforms_2d,
     unlabeled_transforms_2d,
@@ -13,10 +13,10 @@ from .components import (
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "SaveMaskd",
     "find_images",
     "inference_transforms_2d",
     "loss_terms",
-    "mask_saver",
     "resolve_bundle_root",
     "segmentation_transforms_2d",
     "unlabeled_transforms_2d",

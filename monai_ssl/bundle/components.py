@@ -1,14 +1,14 @@
 """Transform chains and helpers shared by the 2D bundle configs.
 
 One place for the preprocessing of every 2D bundle, so that training, validation, evaluation
-and inference see identical inputs. Images are read in natural (row, column) order
-(``reverse_indexing=False``) and masks are written back the same way.
+and inference see identical inputs. Arrays follow MONAI's ``[x, y]`` index order for every
+format, and masks are written back by MONAI's writers in the same convention.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from monai.transforms import (
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
+    MapTransform,
     RandAffined,
     RandFlipd,
     Resized,
@@ -26,14 +27,14 @@ from monai.transforms import (
     ScaleIntensityd,
 )
 
-from monai_ssl.data.transforms import BinarizeLabeld, ToGrayscaled, ValidateCased
+from monai_ssl.data.transforms import BinarizeLabeld, SqueezeSpatiald, ToGrayscaled, ValidateCased
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "find_images",
     "inference_transforms_2d",
     "loss_terms",
-    "mask_saver",
+    "SaveMaskd",
     "resolve_bundle_root",
     "segmentation_transforms_2d",
     "unlabeled_transforms_2d",
@@ -50,8 +51,9 @@ def resolve_bundle_root(name: str) -> str:
 
 
 def _loader(keys: Sequence[str]) -> LoadImaged:
-    # PNG/JPG through PIL in natural row/column order; NIfTI/DICOM through MONAI's default readers
-    return LoadImaged(keys=keys, reader=[PILReader(reverse_indexing=False, converter=_to_8bit_or_gray)], image_only=True)
+    # MONAI's readers and their [x, y] index order for every format (PNG/JPG through PIL, NIfTI
+    # through nibabel, DICOM through ITK), so all formats reach the network alike
+    return LoadImaged(keys=keys, reader=[PILReader(converter=_to_8bit_or_gray)], image_only=True)
 
 
 def _to_8bit_or_gray(image: Any) -> Any:
@@ -72,6 +74,7 @@ def segmentation_transforms_2d(
     transforms: list = [
         _loader(keys),
         EnsureChannelFirstd(keys=keys),
+        SqueezeSpatiald(keys=keys),
         ToGrayscaled(keys=image_key),
         ValidateCased(keys=keys, binary_label=True, check_finite=True),
         BinarizeLabeld(keys=label_key),
@@ -95,6 +98,7 @@ def unlabeled_transforms_2d(spatial_size: int | Sequence[int] = 224, augment: bo
     transforms: list = [
         _loader([key]),
         EnsureChannelFirstd(keys=key),
+        SqueezeSpatiald(keys=key),
         ToGrayscaled(keys=key),
         ValidateCased(keys=key, binary_label=False, check_finite=True),
         ScaleIntensityd(keys=key),
@@ -117,6 +121,7 @@ def inference_transforms_2d(spatial_size: int | Sequence[int] = 224, key: str = 
         [
             _loader([key]),
             EnsureChannelFirstd(keys=key),
+            SqueezeSpatiald(keys=key),
             ToGrayscaled(keys=key),
             ValidateCased(keys=key, binary_label=False, check_finite=True),
             ScaleIntensityd(keys=key),
@@ -126,22 +131,34 @@ def inference_transforms_2d(spatial_size: int | Sequence[int] = 224, key: str = 
     )
 
 
-def mask_saver(output_dir: str, key: str = "pred", output_ext: str = ".png", meta_key_postfix: str = "meta_dict") -> SaveImaged:
-    """``SaveImaged`` writing 0/255 8-bit masks named after each input, in natural row order."""
-    saver = SaveImaged(
-        keys=key,
-        output_dir=output_dir,
-        output_postfix="mask",
-        output_ext=output_ext,
-        output_dtype="uint8",
-        resample=False,
-        separate_folder=False,
-        scale=255 if output_ext in (".png", ".jpg", ".bmp", ".tif") else None,
-        print_log=False,
-    )
-    if output_ext in (".png", ".jpg", ".bmp", ".tif"):
-        saver.saver.set_options(write_kwargs={"reverse_indexing": False})
-    return saver
+class SaveMaskd(MapTransform):
+    """Write each predicted mask next to its input's name, in a format that suits the input.
+
+    NIfTI inputs give ``<name>_mask.nii.gz`` (uint8 0/1, the input's affine); every other input
+    (PNG/JPG/BMP/TIFF/DICOM) gives ``<name>_mask.png`` (8-bit 0/255). With
+    ``output_ext`` set, every mask uses that format instead.
+    """
+
+    def __init__(self, output_dir: str, keys: str = "pred", output_ext: str = "auto") -> None:
+        super().__init__(keys)
+        self.output_ext = output_ext
+        common = dict(keys=keys, output_dir=output_dir, output_postfix="mask", output_dtype="uint8", resample=False,
+                      separate_folder=False, print_log=False)
+        self.png = SaveImaged(output_ext=".png", scale=255, **common)
+        self.nifti = SaveImaged(output_ext=".nii.gz", **common)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Save every key of ``data`` and return ``data`` unchanged."""
+        for key in self.key_iterator(dict(data)):
+            meta = getattr(data[key], "meta", {})
+            source = str(meta.get("filename_or_obj", ""))
+            ext = self.output_ext if self.output_ext != "auto" else (".nii.gz" if source.endswith((".nii", ".nii.gz")) else ".png")
+            if ext not in (".png", ".nii.gz"):
+                raise ValueError(f"output_ext must be 'auto', '.png' or '.nii.gz', got {ext!r}")
+            if ext == ".png":
+                meta["original_channel_dim"] = 0  # the mask is (1, *spatial), whatever the input's layout was
+            data = (self.png if ext == ".png" else self.nifti)(data)
+        return dict(data)
 
 
 def find_images(folder: str | os.PathLike, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[dict[str, str]]:

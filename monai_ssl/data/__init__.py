@@ -10,7 +10,7 @@ from monai_ssl.data.datalist import (
 )
 from monai_ssl.data.readers import H5VolumeReader, read_h5_volume
 from monai_ssl.data.synthetic import SYNTHETIC_KINDS, default_cache_dir, synthetic_dataset
-from monai_ssl.data.transforms import BinarizeLabeld, CaseError, ToGrayscaled, ValidateCased, case_name
+from monai_ssl.data.transforms import BinarizeLabeld, CaseError, SqueezeSpatiald, ToGrayscaled, ValidateCased, case_name
 
 __all__ = [
     "BinarizeLabeld",
@@ -18,6 +18,7 @@ __all__ = [
     "DatalistError",
     "H5VolumeReader",
     "SYNTHETIC_KINDS",
+    "SqueezeSpatiald",
     "ToGrayscaled",
     "ValidateCased",
     "case_id_from_path",

@@ -18,7 +18,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import ensure_tuple
 
-__all__ = ["BinarizeLabeld", "CaseError", "ToGrayscaled", "ValidateCased", "case_name"]
+__all__ = ["BinarizeLabeld", "CaseError", "SqueezeSpatiald", "ToGrayscaled", "ValidateCased", "case_name"]
 
 #: ITU-R BT.601 luma weights (the same as PIL's "L" conversion).
 _LUMA = (0.299, 0.587, 0.114)
@@ -172,4 +172,36 @@ class ToGrayscaled(MapTransform):
                 )
             weights = torch.tensor(_LUMA, dtype=torch.float32).reshape(3, *([1] * (t.ndim - 1)))
             d[key] = (t[:3].to(torch.float32) * weights).sum(dim=0, keepdim=True)
+        return d
+
+
+class SqueezeSpatiald(MapTransform):
+    """Drop trailing singleton spatial axes so a 2D pipeline accepts 2D images stored as 3D.
+
+    A 2D DICOM or NIfTI file often loads as ``(C, H, W, 1)``; this returns ``(C, H, W)`` (with the
+    affine updated by MONAI's ``SqueezeDim``). A volume with more than one slice raises
+    :class:`CaseError` naming the case, since a 2D bundle cannot segment it.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", spatial_dims: int = 2, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_dims = spatial_dims
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Return a copy of ``data`` with each key reduced to ``spatial_dims`` spatial axes."""
+        from monai.transforms import SqueezeDim
+
+        d = dict(data)
+        name = case_name(d, self.keys)
+        for key in self.key_iterator(d):
+            while d[key].ndim - 1 > self.spatial_dims:
+                if d[key].shape[-1] != 1:
+                    raise CaseError(
+                        f"{name}: {key!r} has spatial shape {tuple(d[key].shape[1:])}; a {self.spatial_dims}D "
+                        "bundle needs single 2D images (split the volume into slices first)"
+                    )
+                d[key] = SqueezeDim(dim=-1)(d[key])
+                meta = getattr(d[key], "meta", None)
+                if meta is not None and len(np.atleast_1d(meta.get("spatial_shape", []))) > self.spatial_dims:
+                    meta["spatial_shape"] = np.asarray(meta["spatial_shape"])[: d[key].ndim - 1]
         return d

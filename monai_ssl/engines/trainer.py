@@ -203,6 +203,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             for opt in self.optimizers:
                 opt.step()
+        engine.state.output[Keys.LOSS] = loss.detach()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 

@@ -42,11 +42,15 @@ def _contour(mask: np.ndarray, width: int) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=0)
 
 
-def save_overlay(image: Any, truth: Any, pred: Any, path: str | os.PathLike, title: str | None = None) -> None:
+def save_overlay(
+    image: Any, truth: Any, pred: Any, path: str | os.PathLike, title: str | None = None, xy_order: bool = True
+) -> None:
     """Save a PNG of a 2D image (or one slice of a 3D one) with truth/prediction contours.
 
     The image (``(C, *spatial)`` uses channel 0, or ``(*spatial)``) is min-max scaled
-    to grayscale; array rows are image rows. For 3D data the slice along the last axis
+    to grayscale. With ``xy_order`` (MONAI's convention: arrays indexed ``[x, y]``, as its
+    PIL/NIfTI/ITK readers load them) the slice is transposed for display; otherwise array rows
+    are image rows. For 3D data the slice along the last axis
     is chosen by :func:`select_slice`. Small images are upscaled (nearest neighbour) by
     the integer factor ``max(1, 256 // max(H, W))`` and a 16-pixel legend strip
     ("truth" green, "pred" red, overlap yellow, then ``title``) is added on top, so the
@@ -63,6 +67,8 @@ def save_overlay(image: Any, truth: Any, pred: Any, path: str | os.PathLike, tit
     if t.ndim == 3:
         idx = select_slice(t, p)
         img, t, p = img[..., idx], t[..., idx], p[..., idx]
+    if xy_order:
+        img, t, p = img.T, t.T, p.T
 
     img = np.nan_to_num(img)
     lo, hi = float(img.min()), float(img.max())

@@ -108,6 +108,8 @@ class ResumeCheckpoint:
 
     def load(self, engine: Engine) -> None:
         """Restore every object from the checkpoint, if one exists."""
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # left by a run killed mid-save
+            stale.unlink(missing_ok=True)
         if not self.path.exists():
             return
         try:

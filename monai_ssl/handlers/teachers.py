@@ -76,15 +76,14 @@ class EMATeacher:
         alpha = self.alpha(step)
         student = _unwrap(self.student)
         t_params = dict(self.teacher.named_parameters())
-        for name, s_param in student.named_parameters():
-            t_params[name].lerp_(s_param.detach().to(t_params[name].dtype), 1.0 - alpha)
         t_buffers = dict(self.teacher.named_buffers())
+        pairs = [(t_params[n], p) for n, p in student.named_parameters()]
+        pairs += [(t_buffers[n], b) for n, b in student.named_buffers() if b.is_floating_point()]
+        teacher_vals, student_vals = zip(*pairs)
+        torch._foreach_lerp_(list(teacher_vals), list(student_vals), 1.0 - alpha)  # one fused pass, as AveragedModel
         for name, s_buf in student.named_buffers():
-            t_buf = t_buffers[name]
-            if t_buf.is_floating_point():
-                t_buf.lerp_(s_buf.to(t_buf.dtype), 1.0 - alpha)
-            else:
-                t_buf.copy_(s_buf)
+            if not s_buf.is_floating_point():
+                t_buffers[name].copy_(s_buf)
 
     def __call__(self, engine: Engine) -> None:
         self.update(engine.state.iteration)
