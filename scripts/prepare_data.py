@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import sys
-import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,6 +39,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from monai_ssl.utils import atomic_path  # noqa: E402
+
 
 class PrepareError(ValueError):
     """The source layout or one of its files cannot be converted; the message names the file."""
@@ -48,14 +49,8 @@ class PrepareError(ValueError):
 # --------------------------------------------------------------------------------------------- io
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temp path in ``path``'s folder, then rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:

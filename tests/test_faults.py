@@ -21,7 +21,7 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path: Path, monke
     atomic_torch_save({"a": torch.ones(3)}, path)
 
     def broken_save(obj, f):
-        f.write(b"partial bytes")
+        Path(f).write_bytes(b"partial bytes")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)

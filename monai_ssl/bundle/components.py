@@ -61,74 +61,52 @@ def _to_8bit_or_gray(image: Any) -> Any:
     return image.convert("L") if image.mode in ("P", "1", "LA", "I;16", "I") else image
 
 
+def _chain_2d(
+    keys: Sequence[str], label_key: str | None, spatial_size: int | Sequence[int], augment: bool
+) -> Compose:
+    """Load, check (naming the case on error), scale to [0, 1], resize, optionally augment."""
+    keys = list(keys)
+    image_key = keys[0]
+    modes = ["bilinear" if k != label_key else "nearest" for k in keys]
+    transforms: list = [
+        _loader(keys),
+        EnsureChannelFirstd(keys=keys),
+        SqueezeSpatiald(keys=keys),
+        ToGrayscaled(keys=image_key),
+        ValidateCased(keys=keys, binary_label=label_key is not None, check_finite=True),
+    ]
+    if label_key is not None:
+        transforms.append(BinarizeLabeld(keys=label_key))
+    transforms += [ScaleIntensityd(keys=image_key), Resized(keys=keys, spatial_size=_pair(spatial_size), mode=modes)]
+    if augment:
+        transforms += [
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
+            RandAffined(keys=keys, prob=0.3, rotate_range=0.2, scale_range=0.1, mode=modes, padding_mode="zeros"),
+        ]
+    transforms.append(EnsureTyped(keys=keys, dtype=torch.float32))
+    return Compose(transforms)
+
+
 def segmentation_transforms_2d(
     spatial_size: int | Sequence[int] = 224, augment: bool = False, keys: Sequence[str] = ("image", "label")
 ) -> Compose:
     """Load an image + binary mask pair, check it, scale to [0, 1] and resize to ``spatial_size``.
 
     Checks (with errors naming the case): image and mask of the same size, at most two mask
-    values, finite intensities. ``augment`` adds random flips and a mild affine transform.
+    values, finite intensities. ``augment`` adds random left-right flips and a mild affine.
     """
-    size = _pair(spatial_size)
-    image_key, label_key = keys
-    transforms: list = [
-        _loader(keys),
-        EnsureChannelFirstd(keys=keys),
-        SqueezeSpatiald(keys=keys),
-        ToGrayscaled(keys=image_key),
-        ValidateCased(keys=keys, binary_label=True, check_finite=True),
-        BinarizeLabeld(keys=label_key),
-        ScaleIntensityd(keys=image_key),
-        Resized(keys=keys, spatial_size=size, mode=("bilinear", "nearest")),
-    ]
-    if augment:
-        transforms += [
-            RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
-            RandAffined(
-                keys=keys, prob=0.3, rotate_range=0.2, scale_range=0.1, mode=("bilinear", "nearest"), padding_mode="zeros"
-            ),
-        ]
-    transforms.append(EnsureTyped(keys=keys, dtype=torch.float32))
-    return Compose(transforms)
+    return _chain_2d(keys, keys[1], spatial_size, augment)
 
 
 def unlabeled_transforms_2d(spatial_size: int | Sequence[int] = 224, augment: bool = False, key: str = "image") -> Compose:
     """Image-only version of :func:`segmentation_transforms_2d` for the unlabelled stream."""
-    size = _pair(spatial_size)
-    transforms: list = [
-        _loader([key]),
-        EnsureChannelFirstd(keys=key),
-        SqueezeSpatiald(keys=key),
-        ToGrayscaled(keys=key),
-        ValidateCased(keys=key, binary_label=False, check_finite=True),
-        ScaleIntensityd(keys=key),
-        Resized(keys=key, spatial_size=size, mode="bilinear"),
-    ]
-    if augment:
-        transforms += [
-            RandFlipd(keys=key, prob=0.5, spatial_axis=1),
-            RandAffined(keys=key, prob=0.3, rotate_range=0.2, scale_range=0.1, mode="bilinear", padding_mode="zeros"),
-        ]
-    transforms.append(EnsureTyped(keys=key, dtype=torch.float32))
-    return Compose(transforms)
+    return _chain_2d([key], None, spatial_size, augment)
 
 
 def inference_transforms_2d(spatial_size: int | Sequence[int] = 224, key: str = "image") -> Compose:
-    """Preprocessing for inference: like training, but metadata is tracked so the output can be
-    inverted (``Invertd``) back to each image's original size."""
-    size = _pair(spatial_size)
-    return Compose(
-        [
-            _loader([key]),
-            EnsureChannelFirstd(keys=key),
-            SqueezeSpatiald(keys=key),
-            ToGrayscaled(keys=key),
-            ValidateCased(keys=key, binary_label=False, check_finite=True),
-            ScaleIntensityd(keys=key),
-            Resized(keys=key, spatial_size=size, mode="bilinear"),
-            EnsureTyped(keys=key, dtype=torch.float32),
-        ]
-    )
+    """Preprocessing for inference: the training chain without augmentation; its metadata lets
+    ``Invertd`` restore each output to its image's original size."""
+    return _chain_2d([key], None, spatial_size, augment=False)
 
 
 class SaveMaskd(MapTransform):

@@ -23,12 +23,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from monai_ssl.utils import atomic_write
 
 __all__ = [
     "DatalistError",
@@ -65,17 +66,7 @@ def case_id_from_path(path: str | Path) -> str:
 
 def save_datalist(path: str | Path, datalist: Mapping[str, Any]) -> None:
     """Write ``datalist`` as JSON (indent 4) atomically: temp file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # umask permissions
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            json.dump(datalist, f, indent=4)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps(datalist, indent=4) + "\n")
 
 
 def _resolve_entry_path(rel: Any, root: str, where: str, problems: list[str]) -> str | None:

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from .metrics import _binary_mask, _to_numpy
-from .report import atomic_write
+from monai_ssl.utils import atomic_write
 
 __all__ = ["save_overlay", "select_slice"]
 

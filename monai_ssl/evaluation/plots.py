@@ -13,7 +13,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .report import atomic_write
+from monai_ssl.utils import atomic_write
 
 __all__ = ["plot_training_curves", "read_metrics_log"]
 
