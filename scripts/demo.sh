@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=.venv/bin/python
 BUNDLE=bundles/mean_teacher
-SHORT=(--max_epochs 12 --spatial_size 128)
+SHORT=(--max_epochs 10 --epoch_length 30 --spatial_size 128)
 
 echo "[demo] training $BUNDLE on the synthetic dataset (${SHORT[*]} $*)"
 "$PY" -m monai.bundle run --config_file "$BUNDLE/configs/train.json" "${SHORT[@]}" "$@"
