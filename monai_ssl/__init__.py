@@ -6,6 +6,8 @@ Importing the package imports its sub-packages, so a bundle config needs only
 
 __version__ = "0.1.0"
 
-from monai_ssl import bundle, data, engines, evaluation, handlers, methods, networks  # noqa: E402
+from monai_ssl import bundle, data, engines, evaluation, handlers, inference, losses, methods, networks, pseudo  # noqa: E402
 
-__all__ = ["bundle", "data", "engines", "evaluation", "handlers", "methods", "networks", "__version__"]
+__all__ = [
+    "bundle", "data", "engines", "evaluation", "handlers", "inference", "losses", "methods", "networks", "pseudo", "__version__",
+]

@@ -1,5 +1,6 @@
 """Networks not provided by MONAI."""
 
+from .dual_3d import DualNetwork3D, ResNetSeg3D, VNet3D
 from .resnet_unet import ResNetUNet
 
-__all__ = ["ResNetUNet"]
+__all__ = ["DualNetwork3D", "ResNetSeg3D", "ResNetUNet", "VNet3D"]
