@@ -26,8 +26,13 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
         echo "[setup] NVIDIA GPU found: installing torch==$TORCH_VERSION (CUDA build)"
         "${PIP[@]}" install -q "torch==$TORCH_VERSION"
     else
-        echo "[setup] no GPU: installing the CPU build torch==$TORCH_VERSION+cpu"
-        "${PIP[@]}" install -q "torch==$TORCH_VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+        echo "[setup] no GPU: installing the CPU build torch==$TORCH_VERSION+cpu (its dependencies come with the package below)"
+        if ! "${PIP[@]}" install -q --no-deps --retries 1 --timeout 20 "torch==$TORCH_VERSION+cpu" \
+                --extra-index-url https://download.pytorch.org/whl/cpu; then
+            echo "[setup] could not find torch==$TORCH_VERSION+cpu (PyTorch's CPU index or a local wheel)." >&2
+            echo "[setup] install a CPU torch into $VENV yourself, then re-run; refusing to pull a multi-GB CUDA build." >&2
+            exit 1
+        fi
     fi
 fi
 echo "[setup] installing monai_ssl and its dependencies (pip install -e .[test])"
