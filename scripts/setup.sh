@@ -38,7 +38,7 @@ fi
 echo "[setup] installing monai_ssl and its dependencies (pip install -e .[test])"
 # keep the torch just installed: without the pin, a dependency asking for a newer torchvision
 # makes pip replace it with a newer (CUDA) torch
-installed_torch="$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')"
+installed_torch="$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("torch").split("+")[0])')"
 "${PIP[@]}" install -q -e ".[test]" -c <(echo "torch==$installed_torch")
 echo "$want" > "$stamp"
 echo "[setup] done: $("$VENV/bin/python" -c 'import torch, monai, monai_ssl; print(f"torch {torch.__version__}, monai {monai.__version__}, monai_ssl {monai_ssl.__version__}")')"
