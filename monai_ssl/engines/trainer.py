@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -18,8 +17,6 @@ from monai.utils.enums import CommonKeys as Keys
 from torch.optim import Optimizer
 
 __all__ = ["SemiSupervisedTrainer", "Objective", "autocast_context"]
-
-logger = logging.getLogger(__name__)
 
 
 class Objective(Protocol):
