@@ -35,13 +35,25 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["BoxSegmentation", "LiteMedSAMPredictor", "load_litemedsam", "packaged_checkpoint"]
+__all__ = ["BoxSegmentation", "LiteMedSAMPredictor", "as_rgb_array", "load_litemedsam", "packaged_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
 #: LiteMedSAM's input side (the image encoder's fixed resolution).
 IMAGE_SIZE = 256
 _SHIM_MODULES = ("timm", "timm.models", "timm.models.layers", "timm.models.registry")
+
+
+def as_rgb_array(image: np.ndarray) -> np.ndarray:
+    """A (H, W), (H, W, 1) or (H, W, 3) image as (H, W, 3), the input promptable segmenters take."""
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(f"expected a (H, W) or (H, W, 3) image, got shape {np.asarray(image).shape}")
+    return arr
 
 
 class _DropPath(nn.Module):
@@ -198,13 +210,7 @@ class LiteMedSAMPredictor:
     @staticmethod
     def preprocess(image: np.ndarray) -> tuple[torch.Tensor, float]:
         """(3, 256, 256) float tensor of a (H, W) or (H, W, 3) image, and the resize scale."""
-        arr = np.asarray(image)
-        if arr.ndim == 3 and arr.shape[-1] in (1, 3):
-            arr = arr[..., 0] if arr.shape[-1] == 1 else arr
-        if arr.ndim == 2:
-            arr = np.repeat(arr[..., None], 3, axis=-1)
-        if arr.ndim != 3 or arr.shape[-1] != 3:
-            raise ValueError(f"expected a (H, W) or (H, W, 3) image, got shape {np.asarray(image).shape}")
+        arr = as_rgb_array(image)
         scale = IMAGE_SIZE / max(arr.shape[:2])
         new_h, new_w = _resized(arr.shape[:2], scale)
         x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1)[None]

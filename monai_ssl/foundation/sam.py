@@ -33,7 +33,7 @@ from PIL import Image
 from torch import nn
 
 from .interfaces import torchvision_import_error
-from .litemedsam import BoxSegmentation
+from .litemedsam import BoxSegmentation, as_rgb_array
 
 __all__ = ["SAM_EMBED_DIMS", "SamSegmenter", "import_segment_anything", "load_sam"]
 
@@ -195,13 +195,7 @@ class SamSegmenter:
 
     def _resize(self, image: np.ndarray) -> np.ndarray:
         """(h, w, 3) uint8 image with the longest side at the encoder size (SamPredictor.set_image's resize)."""
-        arr = np.asarray(image)
-        if arr.ndim == 3 and arr.shape[-1] == 1:
-            arr = arr[..., 0]
-        if arr.ndim == 2:
-            arr = np.repeat(arr[..., None], 3, axis=-1)
-        if arr.ndim != 3 or arr.shape[-1] != 3:
-            raise ValueError(f"expected a (H, W) or (H, W, 3) image, got shape {np.asarray(image).shape}")
+        arr = as_rgb_array(image)
         new_h, new_w = self.predictor.transform.get_preprocess_shape(arr.shape[0], arr.shape[1], self.target_length)
         pil = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
         return np.array(pil.resize((new_w, new_h), Image.BILINEAR))
