@@ -100,11 +100,10 @@ def step_parts(wf: Any) -> dict[str, float]:
         flops += counter.get_total_flops()
         ema = next(h for h in wf.parser.get_parsed_content("train#handlers") if type(h).__name__ == "EMATeacher")
         parts["ema_update"] = _median_time(lambda: ema.update(10_000))
+    # timed last: these steps move the in-memory weights; evaluation reloads models/model.pt from disk
     for p in net.parameters():
         p.grad = torch.zeros_like(p)
-    state = {k: v for k, v in trainer.optimizer.state_dict().items()}
     parts["optimizer_step"] = _median_time(trainer.optimizer.step)
-    trainer.optimizer.load_state_dict(state)
     parts["step_flops"] = float(flops)
     return parts
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["BoxSegmentation", "LiteMedSAMPredictor", "as_rgb_array", "load_litemedsam", "packaged_checkpoint"]
+__all__ = ["BoxSegmentation", "BoxSegmenterBase", "LiteMedSAMPredictor", "as_rgb_array", "load_litemedsam", "packaged_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,27 @@ class BoxSegmentation:
     iou: np.ndarray
 
 
-class LiteMedSAMPredictor:
+class BoxSegmenterBase:
+    """Shared front of the box-prompted segmenters: ``segment`` for one image and the argument
+    check of ``segment_batch``, which subclasses implement."""
+
+    def segment(self, image: np.ndarray, boxes: np.ndarray | Sequence[Sequence[float]]) -> BoxSegmentation:
+        """Segment one image given (K, 4) boxes ``x0, y0, x1, y1`` in its pixel coordinates."""
+        return self.segment_batch([image], [boxes])[0]
+
+    def segment_batch(
+        self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray | Sequence[Sequence[float]]]
+    ) -> list[BoxSegmentation]:
+        """Segment several images, each with its own (K_i, 4) boxes."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _check_pairs(images: Sequence[Any], boxes: Sequence[Any]) -> None:
+        if len(images) != len(boxes):
+            raise ValueError(f"{len(images)} images but {len(boxes)} box sets")
+
+
+class LiteMedSAMPredictor(BoxSegmenterBase):
     """Box-prompted LiteMedSAM: the image encoder runs once per image, every box reuses the embedding.
 
     Args:
@@ -219,17 +239,11 @@ class LiteMedSAMPredictor:
         return F.pad(x, (0, IMAGE_SIZE - new_w, 0, IMAGE_SIZE - new_h)), scale
 
     @torch.no_grad()
-    def segment(self, image: np.ndarray, boxes: np.ndarray | Sequence[Sequence[float]]) -> BoxSegmentation:
-        """Segment one image given (K, 4) boxes ``x0, y0, x1, y1`` in its pixel coordinates."""
-        return self.segment_batch([image], [boxes])[0]
-
-    @torch.no_grad()
     def segment_batch(
         self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray | Sequence[Sequence[float]]]
     ) -> list[BoxSegmentation]:
         """Segment several images (any sizes), each with its own (K_i, 4) boxes; encoder batched over images."""
-        if len(images) != len(boxes):
-            raise ValueError(f"{len(images)} images but {len(boxes)} box sets")
+        self._check_pairs(images, boxes)
         if not images:
             return []
         prepared = [self.preprocess(img) for img in images]

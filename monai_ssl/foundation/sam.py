@@ -33,7 +33,7 @@ from PIL import Image
 from torch import nn
 
 from .interfaces import torchvision_import_error
-from .litemedsam import BoxSegmentation, as_rgb_array
+from .litemedsam import BoxSegmentation, BoxSegmenterBase, as_rgb_array
 
 __all__ = ["SAM_EMBED_DIMS", "SamSegmenter", "import_segment_anything", "load_sam"]
 
@@ -159,7 +159,7 @@ def load_sam(
     return net.to(device).eval()
 
 
-class SamSegmenter:
+class SamSegmenter(BoxSegmenterBase):
     """Box-prompted SAM: encoder batched over images, once per image; all boxes of an image decoded together.
 
     Args:
@@ -201,17 +201,11 @@ class SamSegmenter:
         return np.array(pil.resize((new_w, new_h), Image.BILINEAR))
 
     @torch.no_grad()
-    def segment(self, image: np.ndarray, boxes: np.ndarray | Sequence[Sequence[float]]) -> BoxSegmentation:
-        """Segment one image given (K, 4) boxes ``x0, y0, x1, y1`` in its pixel coordinates."""
-        return self.segment_batch([image], [boxes])[0]
-
-    @torch.no_grad()
     def segment_batch(
         self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray | Sequence[Sequence[float]]]
     ) -> list[BoxSegmentation]:
         """Segment several images (any sizes), each with its own (K_i, 4) boxes; encoder batched over images."""
-        if len(images) != len(boxes):
-            raise ValueError(f"{len(images)} images but {len(boxes)} box sets")
+        self._check_pairs(images, boxes)
         results: list[BoxSegmentation] = []
         for start in range(0, len(images), self.encoder_batch_size):
             chunk = images[start : start + self.encoder_batch_size]
