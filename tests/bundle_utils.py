@@ -8,9 +8,10 @@ from typing import Any
 from monai.bundle import ConfigWorkflow
 
 from monai_ssl.data import synthetic_dataset
+from monai_ssl.data.synthetic import default_cache_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLES_2D = ["supervised", "mean_teacher"]
+BUNDLES_2D = ["supervised", "mean_teacher", "dual_teacher"]
 
 
 def config_path(bundle: str, name: str) -> str:
@@ -36,9 +37,19 @@ def tiny_overrides(bundle_root: Path, **extra: Any) -> dict[str, Any]:
     }
 
 
+def tiny_stage_overrides(bundle: str) -> dict[str, Any]:
+    """Bundle-specific extras for the tiny runs: dual_teacher's APPG store is shared by all tests
+    (LiteMedSAM runs once per cache; the settings hash guards reuse) and its warm-up is one epoch."""
+    if bundle == "dual_teacher":
+        return {"appg_dir": str(default_cache_dir() / "appg_tiny"), "stwp_max_epochs": 1}
+    return {}
+
+
 def make_workflow(bundle: str, configs: list[str], workflow_type: str = "train", **override: Any) -> ConfigWorkflow:
     """A ``ConfigWorkflow`` for ``bundles/<bundle>`` with the given config files and overrides."""
     files = [config_path(bundle, c) for c in configs]
+    if workflow_type == "train":
+        override = {**tiny_stage_overrides(bundle), **override}
     return ConfigWorkflow(
         config_file=files,
         meta_file=config_path(bundle, "metadata.json"),

