@@ -1,0 +1,242 @@
+#!/usr/bin/env python
+"""Dual-teacher vs the baselines and the paper's component ablation (Table 2) on BUSI, at CPU scale.
+
+For each datalist (default: BUSI 2.5 % and 10 % labels), under one iteration budget, image size,
+learning rate and seed, this trains and evaluates (test split, model selected on validation):
+
+* ``supervised`` and ``mean_teacher`` (their bundles);
+* ``static_teacher``: the APPG-trained static teacher alone (0 labels; the STWP artifact);
+* ``appg``: the student initialised from the static teacher and trained with it as the only
+  teacher (``use_dynamic_teacher=false, use_uewf=false, use_aurcl=false``);
+* ``+dual_teacher``: static + EMA teacher, averaged (``use_uewf=false, use_aurcl=false``);
+* ``+aurcl``: the above with AURCL (``use_uewf=false``);
+* ``+uewf``: the full method (the bundle's defaults).
+
+Every run goes through ``ConfigWorkflow`` (the code path of ``python -m monai.bundle run``). The
+APPG pseudo-labels (one store for all datalists) and each datalist's static teacher are shared
+by the dual-teacher rows: the stages' manifests make later rows skip them. Each method runs in
+its own process (clean RSS peak). Prints and writes ``results.md`` / ``results.json``.
+
+Example (about 1.5 h per datalist on one core at the defaults)::
+
+    taskset -c 1 python scripts/benchmark_dual_teacher.py --threads 1 --datalists datalists/busi_2.5pct.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from monai_ssl.utils import atomic_write  # noqa: E402
+
+#: row name -> (bundle, overrides of the bundle's train.json)
+ROWS: dict[str, tuple[str, dict[str, Any]]] = {
+    "supervised": ("supervised", {}),
+    "mean_teacher": ("mean_teacher", {}),
+    "static_teacher": ("dual_teacher", {}),
+    "appg": ("dual_teacher", {"use_dynamic_teacher": False, "use_uewf": False, "use_aurcl": False}),
+    "+dual_teacher": ("dual_teacher", {"use_uewf": False, "use_aurcl": False}),
+    "+aurcl": ("dual_teacher", {"use_uewf": False}),
+    "+uewf": ("dual_teacher", {}),
+}
+
+
+def _workflow(bundle: str, configs: list[str], **overrides: Any):
+    from monai.bundle import ConfigWorkflow
+
+    folder = REPO_ROOT / "bundles" / bundle / "configs"
+    return ConfigWorkflow(
+        config_file=[str(folder / c) for c in configs], meta_file=str(folder / "metadata.json"),
+        logging_file=str(folder / "logging.conf"), workflow_type="train", **overrides,
+    )
+
+
+def run_worker(row: str, datalist: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or, for ``static_teacher``, make the STWP artifact), then evaluate one row."""
+    import numpy as np
+    import torch
+    from ignite.engine import Events
+
+    torch.set_num_threads(args.threads)
+    bundle, extra = ROWS[row]
+    tag = datalist.stem
+    out = Path(args.out) / tag / row.lstrip("+")
+    shared = Path(args.out) / "shared"
+    common = {
+        "bundle_root": str(out),
+        "dataset_dir": str(Path(args.dataset_dir).resolve()),
+        "datalist": str(datalist.resolve()),
+        "spatial_size": args.size,
+        "seed": args.seed,
+    }
+    train = {
+        **common,
+        "max_epochs": args.iterations // args.val_every,
+        "epoch_length": args.val_every,
+        "learning_rate": args.lr,
+        "val_interval": 1,
+        "progress": False,
+    }
+    if bundle == "mean_teacher":
+        train["consistency_rampup"] = int(0.4 * args.iterations)
+    if bundle == "dual_teacher":
+        train.update(
+            appg_dir=str(shared / "appg"),
+            appg_precision=args.appg_precision,
+            static_teacher_path=str(shared / f"static_teacher_{tag}.pt"),
+            stwp_dir=str(shared / "stwp"),
+            stwp_max_epochs=1,
+            stwp_epoch_length=args.stwp_iterations,
+            stwp_learning_rate=args.lr,
+            **extra,
+        )
+    results: dict[str, Any] = {"row": row, "bundle": bundle, "overrides": extra, "datalist": str(datalist)}
+    wf = _workflow(bundle, ["train.json"], **train)
+    wf.initialize()
+    step_times: list[float] = []
+    started: list[float] = []
+    t0 = time.perf_counter()
+    if row == "static_teacher":
+        wf.parser.get_parsed_content("stwp").run()  # APPG + warm-up (or their finished artifacts)
+        (out / "models").mkdir(parents=True, exist_ok=True)
+        shutil.copy(shared / f"static_teacher_{tag}.pt", out / "models" / "model.pt")
+        stwp = json.loads((shared / f"static_teacher_{tag}.json").read_text())
+        results.update(stwp_iterations=stwp.get("iterations"), stwp_seconds=stwp.get("seconds_this_run"))
+        appg = json.loads((shared / "appg" / "report" / "appg_report.json").read_text())
+        results["appg"] = {k: appg.get(k) for k in ("counts", "truth", "images_per_second")}
+    else:
+        wf.trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: started.append(time.perf_counter()))
+        wf.trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: step_times.append(time.perf_counter() - started[-1]))
+        wf.run()
+        best = wf.parser.get_parsed_content("validate#handlers")[1]
+        results.update(
+            iterations=len(step_times),
+            step_s_median=float(np.median(step_times[10:] or step_times)),
+            best_val_dice_during_training=best.best,
+            best_epoch=best.best_epoch,
+        )
+        wf.finalize()  # training curves
+    results["wall_s"] = time.perf_counter() - t0
+    eval_bundle = "supervised" if row == "static_teacher" else bundle
+    ev = _workflow(eval_bundle, ["train.json", "evaluate.json"], **common, eval_split="test", eval_dir=str(out / "eval_test"))
+    ev.initialize()
+    ev.run()
+    ev.finalize()
+    results["test"] = json.loads((out / "eval_test" / "metrics_summary.json").read_text())
+    results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return results
+
+
+def ensure_busi(dataset_dir: str) -> None:
+    """Prepare BUSI into ``dataset_dir`` from ../shared/data when it is not there yet."""
+    if (Path(dataset_dir) / "images").is_dir():
+        return
+    src = REPO_ROOT.parent / "shared" / "data" / "busi" / "Dataset_BUSI_with_GT"
+    if not src.is_dir():
+        sys.exit(f"{dataset_dir} is not prepared and {src} does not exist: prepare BUSI with scripts/prepare_data.py")
+    subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "prepare_data.py"), "busi", "--src", str(src),
+                    "--out", dataset_dir], check=True)
+
+
+def _fmt(summary: dict[str, Any], metric: str) -> str:
+    m = summary["metrics"][metric]
+    return f"{m['mean']:.4f} ± {m['std']:.4f}"
+
+
+def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """One Markdown table per datalist."""
+    lines = [
+        f"{Path(args.dataset_dir).name}, {args.size}x{args.size}, {args.iterations} iterations (validation every {args.val_every}), "
+        f"static-teacher warm-up {args.stwp_iterations} iterations, Adam lr {args.lr}, seed {args.seed}, "
+        f"{args.threads} thread(s); test split, model chosen on validation Dice",
+    ]
+    for datalist in sorted({r["datalist"] for r in results}):
+        rows = [r for r in results if r["datalist"] == datalist]
+        if not rows:
+            continue
+        lines += [
+            "", f"**{Path(datalist).name}**", "",
+            "| method | test Dice | test IoU | test accuracy | best val Dice | s/iter | peak RSS (MiB) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            step = f"{r['step_s_median']:.3f}" if "step_s_median" in r else "-"
+            val = f"{r['best_val_dice_during_training']:.4f}" if "best_val_dice_during_training" in r else "-"
+            lines.append(
+                f"| {r['row']} | {_fmt(r['test'], 'dice')} | {_fmt(r['test'], 'iou')} | {_fmt(r['test'], 'accuracy')} "
+                f"| {val} | {step} | {r['peak_rss_mib']:.0f} |"
+            )
+        appg = next((r["appg"] for r in rows if "appg" in r), None)
+        if appg and appg.get("truth"):
+            valid = appg["truth"].get("valid") or {}
+            dice = valid.get("dice", {})
+            lines.append(
+                f"\nAPPG pseudo-labels: {appg['counts']['valid']} of {appg['counts']['total']} valid; Dice against truth "
+                f"over valid images {dice.get('mean', float('nan')):.4f} ± {dice.get('std', float('nan')):.4f}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every (datalist, row) in a fresh process, then write the tables."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datalists", nargs="+", type=Path,
+                        default=[REPO_ROOT / "datalists" / "busi_2.5pct.json", REPO_ROOT / "datalists" / "busi_10pct.json"])
+    parser.add_argument("--dataset-dir", default=str(REPO_ROOT / "data" / "busi"))
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--iterations", type=int, default=400)
+    parser.add_argument("--val-every", type=int, default=50, help="iterations between validations (= epoch_length)")
+    parser.add_argument("--stwp-iterations", type=int, default=400, help="static-teacher warm-up iterations")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of every row and of the warm-up")
+    parser.add_argument("--appg-precision", choices=("auto", "bf16", "fp32"), default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "benchmark_dual_teacher"))
+    parser.add_argument("--worker", nargs=2, metavar=("ROW", "DATALIST"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.iterations % args.val_every:
+        parser.error("--iterations must be a multiple of --val-every")
+    out = Path(args.out)
+    if args.worker:
+        row, datalist = args.worker
+        result = run_worker(row, Path(datalist), args)
+        target = out / Path(datalist).stem / row.lstrip("+") / "result.json"
+        target.write_text(json.dumps(result, indent=2))
+        return 0
+    ensure_busi(args.dataset_dir)
+    passthrough = argv if argv is not None else sys.argv[1:]
+    cmdline = "python scripts/benchmark_dual_teacher.py " + " ".join(passthrough)
+    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+    results = [r for r in previous.get("results", []) if Path(r["datalist"]).resolve() not in {d.resolve() for d in args.datalists}
+               or r["row"] not in args.rows]  # earlier runs' other rows are kept (each row records its own command)
+    for datalist in args.datalists:
+        for row in args.rows:
+            folder = out / datalist.stem / row.lstrip("+")
+            for stale in ("runs/resume.pt", "models/model.pt", "result.json"):  # each row trains from scratch
+                (folder / stale).unlink(missing_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
+            print(f"== {datalist.name}: {row}", flush=True)
+            subprocess.run([sys.executable, __file__, "--worker", row, str(datalist), *passthrough], check=True)
+            results.append({**json.loads((folder / "result.json").read_text()), "command": cmdline})
+            results.sort(key=lambda r: (str(r["datalist"]), list(ROWS).index(r["row"])))
+            text = report(results, args)  # rewritten after every row: partial results survive an interruption
+            atomic_write(out / "results.json", json.dumps({"results": results}, indent=2))
+            atomic_write(out / "results.md", f"{text}\n\nCommands: " + "; ".join(sorted({f"`{r.get('command', '?')}`" for r in results})) + "\n")
+    print(f"\n{text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
