@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: set up, train the mean_teacher bundle on the embedded synthetic
-# ultrasound data for a short schedule, evaluate it on the held-out test images, and say where
-# the model, metrics and overlay images went. Re-running resumes (and then re-evaluates).
-# Extra arguments are passed to the training run, e.g. `bash scripts/demo.sh --max_epochs 30`.
+# The main job on a fresh machine: set up, run the dual_teacher bundle on the embedded synthetic
+# ultrasound data with a short schedule (APPG pseudo-labels with LiteMedSAM, static-teacher
+# warm-up, dual-teacher training), evaluate it on the held-out test images, and say where the
+# model, metrics and overlay images went. Re-running skips finished stages and resumes training.
+# Extra arguments are passed to the training run, e.g. `bash scripts/demo.sh --max_epochs 30`;
+# another bundle: `BUNDLE=mean_teacher bash scripts/demo.sh`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=.venv/bin/python
-BUNDLE=bundles/mean_teacher
+BUNDLE=bundles/${BUNDLE:-dual_teacher}
 SHORT=(--max_epochs 10 --epoch_length 30 --spatial_size 128)
+if [[ $BUNDLE == */dual_teacher ]]; then
+    SHORT+=(--stwp_max_epochs 1 --stwp_epoch_length 150)
+fi
 
 echo "[demo] training $BUNDLE on the synthetic dataset (${SHORT[*]} $*)"
 "$PY" -m monai.bundle run --config_file "$BUNDLE/configs/train.json" "${SHORT[@]}" "$@"
@@ -23,6 +28,12 @@ log = [json.loads(line) for line in (bundle / "runs" / "metrics.jsonl").read_tex
 val = [r["val_mean_dice"] for r in log if "val_mean_dice" in r]
 test = json.loads((bundle / "eval" / "metrics_summary.json").read_text())["metrics"]
 print("\n[demo] results")
+appg = bundle / "runs" / "appg" / "report" / "appg_report.json"
+if appg.is_file():
+    report = json.loads(appg.read_text())
+    valid = (report.get("truth") or {}).get("valid") or {}
+    quality = f", Dice vs truth {valid['dice']['mean']:.4f}" if "dice" in valid else ""
+    print(f"  APPG pseudo-labels: {report['counts']['valid']} of {report['counts']['total']} valid{quality} ({appg.parent})")
 print(f"  validation Dice (best over {len(val)} validations): {max(val):.4f}")
 print(f"  test Dice {test['dice']['mean']:.4f} ± {test['dice']['std']:.4f}, IoU {test['iou']['mean']:.4f}, HD95 {test['hd95']['mean']:.1f} px")
 print(f"  model (bare state dict):   {bundle / 'models' / 'model.pt'}")
