@@ -38,6 +38,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from benchmark_baselines import ensure_busi  # noqa: E402  (this folder is on sys.path)
 from monai_ssl.utils import atomic_write  # noqa: E402
 
 #: row name -> (bundle, overrides of the bundle's train.json)
@@ -138,17 +139,6 @@ def run_worker(row: str, datalist: Path, args: argparse.Namespace) -> dict[str, 
     return results
 
 
-def ensure_busi(dataset_dir: str) -> None:
-    """Prepare BUSI into ``dataset_dir`` from ../shared/data when it is not there yet."""
-    if (Path(dataset_dir) / "images").is_dir():
-        return
-    src = REPO_ROOT.parent / "shared" / "data" / "busi" / "Dataset_BUSI_with_GT"
-    if not src.is_dir():
-        sys.exit(f"{dataset_dir} is not prepared and {src} does not exist: prepare BUSI with scripts/prepare_data.py")
-    subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "prepare_data.py"), "busi", "--src", str(src),
-                    "--out", dataset_dir], check=True)
-
-
 def _fmt(summary: dict[str, Any], metric: str) -> str:
     m = summary["metrics"][metric]
     return f"{m['mean']:.4f} ± {m['std']:.4f}"
@@ -215,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         target = out / Path(datalist).stem / row.lstrip("+") / "result.json"
         target.write_text(json.dumps(result, indent=2))
         return 0
-    ensure_busi(args.dataset_dir)
+    ensure_busi(args)  # prepares data/busi from ../shared/data when missing
     passthrough = argv if argv is not None else sys.argv[1:]
     cmdline = "python scripts/benchmark_dual_teacher.py " + " ".join(passthrough)
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
