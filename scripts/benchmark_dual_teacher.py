@@ -178,6 +178,18 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def write_tables(out: Path, args: argparse.Namespace) -> str:
+    """Collect every ``<datalist>/<row>/result.json`` under ``out`` (also those of other, possibly
+    concurrent, invocations) into ``results.json`` and ``results.md``; return the tables."""
+    results = [json.loads(p.read_text()) for p in out.glob("*/*/result.json")]
+    results.sort(key=lambda r: (str(r["datalist"]), list(ROWS).index(r["row"])))
+    text = report(results, args)
+    atomic_write(out / "results.json", json.dumps({"results": results}, indent=2))
+    commands = sorted({f"`{r.get('command', '?')}`" for r in results})
+    atomic_write(out / "results.md", f"{text}\n\nCommands: " + "; ".join(commands) + "\n")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every (datalist, row) in a fresh process, then write the tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "benchmark_dual_teacher"))
+    parser.add_argument("--tables-only", action="store_true", help="rebuild results.md/json from the rows on disk and exit")
     parser.add_argument("--worker", nargs=2, metavar=("ROW", "DATALIST"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.iterations % args.val_every:
@@ -205,12 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         target = out / Path(datalist).stem / row.lstrip("+") / "result.json"
         target.write_text(json.dumps(result, indent=2))
         return 0
+    if args.tables_only:
+        print(write_tables(out, args))
+        return 0
     ensure_busi(args)  # prepares data/busi from ../shared/data when missing
     passthrough = argv if argv is not None else sys.argv[1:]
     cmdline = "python scripts/benchmark_dual_teacher.py " + " ".join(passthrough)
-    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
-    results = [r for r in previous.get("results", []) if Path(r["datalist"]).resolve() not in {d.resolve() for d in args.datalists}
-               or r["row"] not in args.rows]  # earlier runs' other rows are kept (each row records its own command)
     for datalist in args.datalists:
         for row in args.rows:
             folder = out / datalist.stem / row.lstrip("+")
@@ -219,11 +232,9 @@ def main(argv: list[str] | None = None) -> int:
             folder.mkdir(parents=True, exist_ok=True)
             print(f"== {datalist.name}: {row}", flush=True)
             subprocess.run([sys.executable, __file__, "--worker", row, str(datalist), *passthrough], check=True)
-            results.append({**json.loads((folder / "result.json").read_text()), "command": cmdline})
-            results.sort(key=lambda r: (str(r["datalist"]), list(ROWS).index(r["row"])))
-            text = report(results, args)  # rewritten after every row: partial results survive an interruption
-            atomic_write(out / "results.json", json.dumps({"results": results}, indent=2))
-            atomic_write(out / "results.md", f"{text}\n\nCommands: " + "; ".join(sorted({f"`{r.get('command', '?')}`" for r in results})) + "\n")
+            result = json.loads((folder / "result.json").read_text())
+            atomic_write(folder / "result.json", json.dumps({**result, "command": cmdline}, indent=2))
+            text = write_tables(out, args)  # after every row: partial results survive an interruption
     print(f"\n{text}")
     return 0
 
