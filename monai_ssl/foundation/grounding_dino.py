@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,6 +118,16 @@ class GroundingDinoProposer:
         self.model.to(self.device).eval()
 
     @torch.no_grad()
+    def describe(self) -> dict[str, Any]:
+        """What identifies these boxes for a config hash: model folder and thresholds."""
+        return {
+            "name": "grounding_dino",
+            "model_dir": str(self.model_dir.resolve()),
+            "box_threshold": self.box_threshold,
+            "text_threshold": self.text_threshold,
+            "nms_iou": self.nms_iou,
+        }
+
     def propose(
         self, image: np.ndarray, prompts: Sequence[str] = DEFAULT_PROMPTS, top_k: int | None = None
     ) -> list[BoxProposal]:

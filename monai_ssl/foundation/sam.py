@@ -186,12 +186,25 @@ class SamSegmenter(BoxSegmenterBase):
         if model is None and checkpoint is None:
             raise ValueError("give a SAM checkpoint path or a loaded model")
         self.device = torch.device(device)
+        self.checkpoint = Path(checkpoint).expanduser().resolve() if checkpoint is not None else None
+        self.model_type = model_type
         self.model = (model if model is not None else load_sam(checkpoint, model_type, self.device)).to(self.device).eval()
         self.encoder_batch_size = encoder_batch_size
         self.multimask_output = multimask_output
         sam = import_segment_anything()
         self.predictor = sam.SamPredictor(self.model)
         self.target_length = int(self.model.image_encoder.img_size)
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies these masks for a config hash: model type, checkpoint path and size, decoding."""
+        checkpoint = self.checkpoint
+        return {
+            "name": "sam",
+            "model_type": self.model_type,
+            "checkpoint": str(checkpoint) if checkpoint else "in-memory model",
+            "bytes": checkpoint.stat().st_size if checkpoint and checkpoint.exists() else None,
+            "multimask_output": self.multimask_output,
+        }
 
     def _resize(self, image: np.ndarray) -> np.ndarray:
         """(h, w, 3) uint8 image with the longest side at the encoder size (SamPredictor.set_image's resize)."""
