@@ -102,7 +102,7 @@ def run_worker(row: str, datalist: Path, args: argparse.Namespace) -> dict[str, 
             stwp_learning_rate=args.lr,
             **extra,
         )
-    results: dict[str, Any] = {"row": row, "bundle": bundle, "overrides": extra, "datalist": str(datalist)}
+    results: dict[str, Any] = {"row": row, "bundle": bundle, "overrides": extra, "datalist": str(datalist.resolve())}
     wf = _workflow(bundle, ["train.json"], **train)
     wf.initialize()
     step_times: list[float] = []
@@ -182,6 +182,8 @@ def write_tables(out: Path, args: argparse.Namespace) -> str:
     """Collect every ``<datalist>/<row>/result.json`` under ``out`` (also those of other, possibly
     concurrent, invocations) into ``results.json`` and ``results.md``; return the tables."""
     results = [json.loads(p.read_text()) for p in out.glob("*/*/result.json")]
+    for r in results:  # relative and absolute spellings of one datalist are one table
+        r["datalist"] = str((REPO_ROOT / r["datalist"]).resolve())
     results.sort(key=lambda r: (str(r["datalist"]), list(ROWS).index(r["row"])))
     text = report(results, args)
     atomic_write(out / "results.json", json.dumps({"results": results}, indent=2))
