@@ -13,10 +13,13 @@ Examples::
     python scripts/prepare_data.py hc18 --src HC18/training_set --out data/hc18
     python scripts/prepare_data.py la_h5 --src 2018LA_Seg_Training_Set --out data/la
     python scripts/prepare_data.py la_nifti --src ../shared/data/la_heart --out data/la
+    python scripts/prepare_data.py pancreas --src Pancreas-CT-nifti --out data/pancreas
+    python scripts/prepare_data.py brats --src MICCAI_BraTS_2019_Data_Training --out data/brats --modality flair
 
 Ids: BUSI ``<class>_<NNNN>`` (``benign (12).png`` -> ``benign_0012``); DDTI the file stem with
 runs of characters other than letters, digits, ``-`` and ``_`` replaced by ``_``
-(``100_1(1)`` -> ``100_1_1``); HC18 the image stem (``000_HC``); LA ``la_<ID>``.
+(``100_1(1)`` -> ``100_1_1``); HC18 the image stem (``000_HC``); LA ``la_<ID>``; Pancreas
+``pancreas_<NNNN>`` (the case number); BraTS the case folder name (``BraTS19_2013_2_1``).
 """
 
 from __future__ import annotations
@@ -316,6 +319,183 @@ def prepare_la_nifti(src: Path, out: Path, overwrite: bool = False) -> Counter:
     return stats
 
 
+#: HU window of the NIH Pancreas-CT preprocessing (MCF / the dual-network paper).
+PANCREAS_HU_WINDOW: tuple[float, float] = (-120.0, 240.0)
+#: Voxels kept around the pancreas bounding box.
+PANCREAS_MARGIN = 25
+_NIFTI = (".nii.gz", ".nii")
+_DIGITS = re.compile(r"(\d+)(?!.*\d)")
+
+
+def _nifti_stem(path: Path) -> str:
+    return path.name.removesuffix(".gz").removesuffix(".nii")
+
+
+def _first_dir(src: Path, names: Sequence[str], what: str) -> Path:
+    for name in names:
+        if (src / name).is_dir():
+            return src / name
+    raise PrepareError(f"{what}: {src} has none of the folders {', '.join(names)}")
+
+
+def _load_nifti(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Read a NIfTI file's array and image, naming the file on error."""
+    try:
+        img = nib.load(path)
+        return np.asanyarray(img.dataobj), img
+    except Exception as e:  # nibabel raises several types for corrupt files
+        raise PrepareError(f"cannot read {path}: {e}") from e
+
+
+def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """Bounding box of ``mask`` grown by ``margin`` voxels per side, clipped to the array."""
+    coords = np.nonzero(mask)
+    return tuple(slice(max(int(c.min()) - margin, 0), min(int(c.max()) + margin + 1, n)) for c, n in zip(coords, mask.shape))
+
+
+def _cropped_affine(affine: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
+    """The affine of ``array[box]``: the same voxel-to-world map, origin moved to the box's corner."""
+    shift = np.eye(4)
+    shift[:3, 3] = [s.start for s in box]
+    return affine @ shift
+
+
+def pancreas_volume(image: np.ndarray, label: np.ndarray, affine: np.ndarray, margin: int = PANCREAS_MARGIN,
+                    hu_window: tuple[float, float] = PANCREAS_HU_WINDOW) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Clip CT to ``hu_window``, scale it to [0, 1], crop image and label around the pancreas (+ ``margin``).
+
+    Returns ``(image float32, label uint8 0/1, affine of the crop)``; raises ``ValueError`` on an
+    empty label.
+    """
+    fg = label != 0
+    if not fg.any():
+        raise ValueError("the pancreas label is empty")
+    lo, hi = hu_window
+    scaled = (np.clip(image.astype(np.float32), lo, hi) - lo) / (hi - lo)
+    box = _bbox(fg, margin)
+    return scaled[box].astype(np.float32), fg[box].astype(np.uint8), _cropped_affine(affine, box)
+
+
+def prepare_pancreas(src: Path, out: Path, margin: int = PANCREAS_MARGIN, overwrite: bool = False) -> Counter:
+    """Convert NIH Pancreas-CT NIfTI pairs (``images/PANCREAS_0001.nii.gz`` + ``labels/label0001.nii.gz``).
+
+    Images and labels are paired by the last number in their names (or by equal names). The CT
+    is clipped to [-120, 240] HU and scaled to [0, 1], and both are cropped to the pancreas
+    bounding box grown by ``margin`` voxels (the affine follows the crop).
+    """
+    image_dir = _first_dir(src, ("images", "imagesTr", "img"), "Pancreas")
+    label_dir = _first_dir(src, ("labels", "labelsTr", "label", "TCIA_pancreas_labels-02-05-2017"), "Pancreas")
+    images = sorted(p for p in image_dir.iterdir() if p.name.endswith(_NIFTI))
+    labels = sorted(p for p in label_dir.iterdir() if p.name.endswith(_NIFTI))
+    if not images:
+        raise PrepareError(f"Pancreas: {image_dir} has no .nii/.nii.gz images (convert the TCIA DICOM series to NIfTI first)")
+
+    def number(p: Path) -> int | None:
+        m = _DIGITS.search(_nifti_stem(p))
+        return int(m.group(1)) if m else None
+
+    by_number = {number(p): p for p in labels}
+    by_name = {p.name: p for p in labels}
+    pairs: dict[str, tuple[Path, Path]] = {}
+    unpaired: list[str] = []
+    for p in images:
+        n = number(p)
+        lab = by_name.get(p.name) or by_number.get(n)
+        if lab is None or n is None:
+            unpaired.append(str(p))
+            continue
+        case_id = f"pancreas_{n:04d}"
+        if case_id in pairs:
+            raise PrepareError(f"Pancreas: {p} and {pairs[case_id][0]} both map to {case_id}")
+        pairs[case_id] = (p, lab)
+    _problems(f"Pancreas: image(s) without a label of the same number in {label_dir}", unpaired)
+
+    stats: Counter = Counter()
+    for case_id, (image_path, label_path) in tqdm(sorted(pairs.items()), desc="pancreas", unit="case"):
+        rels = [f"imagesTr/{case_id}.nii.gz", f"labelsTr/{case_id}.nii.gz"]
+        if _done(out, rels, overwrite):
+            stats["skipped"] += 1
+            continue
+        image, image_nii = _load_nifti(image_path)
+        label, _ = _load_nifti(label_path)
+        if image.shape != label.shape or image.ndim != 3:
+            raise PrepareError(f"label {label_path} has shape {label.shape} but image {image_path} has {image.shape}")
+        try:
+            cropped, mask, affine = pancreas_volume(image, _binary_label(label, label_path), image_nii.affine, margin)
+        except ValueError as e:
+            raise PrepareError(f"{label_path}: {e}") from e
+        _save_nifti(out / rels[0], nib.Nifti1Image(cropped, affine))
+        _save_nifti(out / rels[1], nib.Nifti1Image(mask, affine))
+        stats["written"] += 1
+    return stats
+
+
+#: BraTS modalities (file suffixes).
+BRATS_MODALITIES: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
+
+
+def brats_volume(image: np.ndarray, seg: np.ndarray, affine: np.ndarray, crop_brain: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Whole tumour (``seg > 0``) and the image z-scored over the brain (non-zero voxels; background stays 0).
+
+    With ``crop_brain`` both are cropped to the brain's bounding box (the affine follows).
+    Returns ``(image float32, label uint8 0/1, affine)``; raises ``ValueError`` on an empty image.
+    """
+    brain = image != 0
+    if not brain.any():
+        raise ValueError("the image is all zero")
+    values = image[brain].astype(np.float64)
+    normed = np.zeros(image.shape, dtype=np.float32)
+    normed[brain] = (values - values.mean()) / (values.std() + 1e-8)
+    label = (seg > 0).astype(np.uint8)
+    if crop_brain:
+        box = _bbox(brain, 0)
+        return normed[box], label[box], _cropped_affine(affine, box)
+    return normed, label, affine
+
+
+def prepare_brats(src: Path, out: Path, modality: str = "flair", crop_brain: bool = True, overwrite: bool = False) -> Counter:
+    """Convert BraTS 2019 ``<grade>/<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz`` to one modality + whole tumour."""
+    if modality not in BRATS_MODALITIES:
+        raise PrepareError(f"BraTS: modality must be one of {BRATS_MODALITIES}, got {modality!r}")
+    segs = sorted(p for p in src.rglob("*_seg.nii*") if p.name.endswith(_NIFTI))
+    if not segs:
+        raise PrepareError(f"BraTS source {src} has no '<case>/<case>_seg.nii.gz' files")
+    cases: dict[str, tuple[Path, Path]] = {}
+    missing: list[str] = []
+    for seg in segs:
+        case_id = _nifti_stem(seg).removesuffix("_seg")
+        candidates = [seg.with_name(f"{case_id}_{modality}{ext}") for ext in _NIFTI]
+        image = next((c for c in candidates if c.is_file()), None)
+        if image is None:
+            missing.append(str(candidates[0]))
+            continue
+        if case_id in cases:
+            raise PrepareError(f"BraTS: case {case_id} appears twice ({cases[case_id][1]} and {seg})")
+        cases[case_id] = (image, seg)
+    _problems(f"BraTS: case(s) without a {modality} volume", missing)
+
+    stats: Counter = Counter()
+    for case_id, (image_path, seg_path) in tqdm(sorted(cases.items()), desc="brats", unit="case"):
+        rels = [f"imagesTr/{case_id}.nii.gz", f"labelsTr/{case_id}.nii.gz"]
+        if _done(out, rels, overwrite):
+            stats["skipped"] += 1
+            continue
+        image, image_nii = _load_nifti(image_path)
+        seg, _ = _load_nifti(seg_path)
+        if image.shape != seg.shape or image.ndim != 3:
+            raise PrepareError(f"segmentation {seg_path} has shape {seg.shape} but {image_path} has {image.shape}")
+        try:
+            volume, label, affine = brats_volume(image, seg, image_nii.affine, crop_brain)
+        except ValueError as e:
+            raise PrepareError(f"{image_path}: {e}") from e
+        stats["empty_tumour"] += int(not label.any())
+        _save_nifti(out / rels[0], nib.Nifti1Image(volume, affine))
+        _save_nifti(out / rels[1], nib.Nifti1Image(label, affine))
+        stats["written"] += 1
+    return stats
+
+
 # --------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with one sub-command per dataset."""
@@ -327,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
         "hc18": "HC18 training_set *_HC.png + *_HC_Annotation.png (outline filled)",
         "la_h5": "LA community <case>/mri_norm2.h5 folders -> NIfTI",
         "la_nifti": "LA imagesTr/labelsTr NIfTI pairs -> normalised layout",
+        "pancreas": "NIH Pancreas-CT NIfTI images/ + labels/ -> HU [-120, 240] scaled to [0, 1], cropped to pancreas + margin",
+        "brats": "BraTS 2019 <grade>/<case>/<case>_<modality>.nii.gz + _seg -> one modality + whole tumour (seg > 0)",
     }
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text)
@@ -342,6 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
                 help="voxel spacing in mm for the NIfTI affine (default: from h5 attributes, else 1 1 1; LA is 0.625)",
             )
+        if name == "pancreas":
+            p.add_argument("--margin", type=int, default=PANCREAS_MARGIN, help="voxels kept around the pancreas (default 25)")
+        if name == "brats":
+            p.add_argument("--modality", choices=BRATS_MODALITIES, default="flair", help="input modality (default flair)")
+            p.add_argument("--no-crop", dest="crop_brain", action="store_false", help="keep the full 240x240x155 grid")
     return parser
 
 
@@ -360,6 +547,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             stats = prepare_hc18(args.src, args.out, args.overwrite)
         elif args.dataset == "la_h5":
             stats = prepare_la_h5(args.src, args.out, args.spacing, args.overwrite)
+        elif args.dataset == "pancreas":
+            stats = prepare_pancreas(args.src, args.out, args.margin, args.overwrite)
+        elif args.dataset == "brats":
+            stats = prepare_brats(args.src, args.out, args.modality, args.crop_brain, args.overwrite)
         else:
             stats = prepare_la_nifti(args.src, args.out, args.overwrite)
     except PrepareError as e:

@@ -10,6 +10,15 @@ from .components import (
     segmentation_transforms_2d,
     unlabeled_transforms_2d,
 )
+from .components_3d import (
+    VOLUME_SUFFIXES,
+    find_volumes,
+    inference_transforms_3d,
+    segmentation_transforms_3d,
+    sliding_window_inferer_3d,
+    unlabeled_transforms_3d,
+    validation_transforms_3d,
+)
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -20,4 +29,11 @@ __all__ = [
     "resolve_bundle_root",
     "segmentation_transforms_2d",
     "unlabeled_transforms_2d",
+    "VOLUME_SUFFIXES",
+    "find_volumes",
+    "inference_transforms_3d",
+    "segmentation_transforms_3d",
+    "sliding_window_inferer_3d",
+    "unlabeled_transforms_3d",
+    "validation_transforms_3d",
 ]

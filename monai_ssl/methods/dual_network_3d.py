@@ -29,6 +29,7 @@ from monai_ssl.losses.dual_3d import (
     supervised_loss,
     uncertainty_rectified_loss,
 )
+from monai_ssl.networks.dual_3d import DualNetwork3D, DualTrainForward
 
 __all__ = ["DualNetwork3DObjective"]
 
@@ -37,11 +38,39 @@ def _unwrap(network: nn.Module) -> nn.Module:
     return network.module if hasattr(network, "module") and isinstance(network.module, nn.Module) else network
 
 
+def _training_forward(network: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """The callable giving ``(z_A, x9_A, z_B, x9_B)`` for ``engine.network``.
+
+    * :class:`DualTrainForward`, bare or wrapped (``DistributedDataParallel``): called through
+      the wrapper, so DDP sees the forward pass and synchronises both subnets' gradients;
+    * a bare :class:`DualNetwork3D`: its ``forward_both``;
+    * a DDP-wrapped ``DualNetwork3D``: refused, since its ``forward`` (the softmax average)
+      cannot give the features and calling the subnets past the wrapper would skip the gradient
+      all-reduce.
+    """
+    inner = _unwrap(network)
+    if isinstance(inner, DualTrainForward):
+        return network
+    if isinstance(inner, DualNetwork3D):
+        if inner is not network:
+            raise TypeError(
+                f"DualNetwork3DObjective: a {type(network).__name__}-wrapped DualNetwork3D would not synchronise "
+                "gradients (its forward is the deployable softmax average); wrap DualTrainForward(net) instead"
+            )
+        return inner.forward_both
+    raise TypeError(
+        "DualNetwork3DObjective needs a DualNetwork3D or DualTrainForward network (optionally DDP-wrapped), "
+        f"got {type(inner).__name__}"
+    )
+
+
 class DualNetwork3DObjective:
     """The method's loss for one batch of labelled + unlabelled volumes.
 
-    ``engine.network`` is a :class:`~monai_ssl.networks.dual_3d.DualNetwork3D` (or a wrapper
-    with ``.module``); subnet A is its ``resnet``, subnet B its ``vnet``. Both subnets see the
+    ``engine.network`` is a :class:`~monai_ssl.networks.dual_3d.DualNetwork3D`, or a
+    :class:`~monai_ssl.networks.dual_3d.DualTrainForward` view of one, bare or wrapped in
+    ``DistributedDataParallel`` (multi-GPU: the forward pass goes through the wrapper, so both
+    subnets' gradients are all-reduced); subnet A is its ``resnet``, subnet B its ``vnet``. Both subnets see the
     joint batch ``[x_l; x_u]`` (the authors' code feeds both the same crop). Returned terms
     (already weighted; absent when disabled or when there is no unlabelled batch):
 
@@ -125,14 +154,11 @@ class DualNetwork3DObjective:
         self, engine, labeled: dict[str, torch.Tensor], unlabeled: dict[str, torch.Tensor] | None
     ) -> dict[str, torch.Tensor]:
         """Compute the prediction and the weighted loss terms for one step."""
-        network = _unwrap(engine.network)
-        if not (hasattr(network, "resnet") and hasattr(network, "vnet")):
-            raise TypeError(f"DualNetwork3DObjective needs a DualNetwork3D network (with .resnet and .vnet), got {type(network).__name__}")
+        forward = _training_forward(engine.network)
         x_l, y = labeled[Keys.IMAGE], labeled[Keys.LABEL]
         n_l = x_l.shape[0]
         x = x_l if unlabeled is None else torch.cat([x_l, unlabeled[Keys.IMAGE]], dim=0)
-        z_a, f_a = network.resnet.forward_features(x)
-        z_b, f_b = network.vnet.forward_features(x)
+        z_a, f_a, z_b, f_b = forward(x)
         p_a, p_b = F.softmax(z_a, dim=1), F.softmax(z_b, dim=1)
 
         out: dict[str, torch.Tensor] = {Keys.PRED: self._pred(z_a[:n_l], z_b[:n_l])}

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from monai_ssl.networks.resnet_unet import _BasicBlock
 
-__all__ = ["VNet3D", "ResNetSeg3D", "DualNetwork3D", "RESNET34_LAYERS"]
+__all__ = ["VNet3D", "ResNetSeg3D", "DualNetwork3D", "DualTrainForward", "RESNET34_LAYERS"]
 
 #: BasicBlocks per encoder stage of the authors' 3D "ResNet34".
 RESNET34_LAYERS: tuple[int, int, int, int] = (3, 4, 6, 3)
@@ -214,8 +214,9 @@ class DualNetwork3D(nn.Module):
 
     ``forward`` returns the mean of the two subnets' softmax probabilities, ``(B, num_classes,
     *spatial)``: the authors' test-time ensemble, so a sliding-window inferer averaging these
-    outputs over overlapping windows reproduces their test script. Training objectives use the
-    subnets directly (``.resnet`` / ``.vnet`` and their ``forward_features``).
+    outputs over overlapping windows reproduces their test script. Training goes through
+    :meth:`forward_both` (both subnets' logits and ``x9`` features); wrap the network in
+    :class:`DualTrainForward` to make that the ``forward`` that ``DistributedDataParallel`` sees.
 
     Args:
         in_channels: input channels.
@@ -240,3 +241,30 @@ class DualNetwork3D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the averaged softmax probabilities of both subnets."""
         return 0.5 * (F.softmax(self.resnet(x), dim=1) + F.softmax(self.vnet(x), dim=1))
+
+    def forward_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return ``(logits_A, x9_A, logits_B, x9_B)``: subnet A (ResNet) and subnet B (V-Net) on ``x``."""
+        z_a, f_a = self.resnet.forward_features(x)
+        z_b, f_b = self.vnet.forward_features(x)
+        return z_a, f_a, z_b, f_b
+
+
+class DualTrainForward(nn.Module):
+    """Training view of a :class:`DualNetwork3D`: ``forward`` is its :meth:`~DualNetwork3D.forward_both`.
+
+    ``DistributedDataParallel`` synchronises gradients only for what goes through the wrapped
+    module's ``forward``; the deployable ``DualNetwork3D.forward`` returns the averaged softmax
+    only, so multi-GPU training wraps this view instead:
+    ``DistributedDataParallel(DualTrainForward(net))``. It holds ``net`` itself (no copy), so the
+    optimisers, checkpoints and the deployed model all keep using ``net``'s parameters.
+    """
+
+    def __init__(self, net: DualNetwork3D) -> None:
+        super().__init__()
+        if not isinstance(net, DualNetwork3D):
+            raise TypeError(f"DualTrainForward needs a DualNetwork3D, got {type(net).__name__}")
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return ``(logits_A, x9_A, logits_B, x9_B)``."""
+        return self.net.forward_both(x)
