@@ -339,3 +339,25 @@ def test_sliding_window_matches_naive_loop(shape: tuple[int, ...]) -> None:
     slow = naive_sliding_window(net, image, spec.roi_size, spec.stride)
     assert fast.shape == slow.shape == (shape[0], 2, *shape[2:])
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_unsup_rampup_scales_only_the_unsupervised_terms() -> None:
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    net = tiny_dual().eval()  # eval: BatchNorm/dropout identical in both calls
+    labeled = {k: torch.stack([c[k] for c in blobs(2, 1)]) for k in ("image", "label")}
+    unlabeled = {"image": torch.stack([c["image"] for c in blobs(2, 2, False)])}
+    engine = SimpleNamespace(network=net, state=SimpleNamespace(iteration=11))  # t = 10 of a 40-iteration ramp
+    with torch.no_grad():
+        torch.manual_seed(1)
+        full = DualNetwork3DObjective(pgl_sample_fraction=1.0)(engine, labeled, unlabeled)
+        torch.manual_seed(1)
+        ramped = DualNetwork3DObjective(pgl_sample_fraction=1.0, unsup_rampup=40)(engine, labeled, unlabeled)
+    weight = math.exp(-5.0 * (1 - 10 / 40) ** 2)
+    for name in ("loss_consistency", "loss_kl", "loss_cps", "loss_efs"):
+        torch.testing.assert_close(ramped[name], weight * full[name], msg=name)
+    for name in ("loss_sup_vnet", "loss_sup_resnet", "loss_cr", "loss_pgl"):
+        torch.testing.assert_close(ramped[name], full[name], msg=name)
+    with pytest.raises(ValueError, match="unsup_rampup"):
+        DualNetwork3DObjective(unsup_rampup=-1)

@@ -16,6 +16,7 @@ from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 from torch.nn import functional as F
 
+from monai_ssl.handlers.schedules import sigmoid_rampup
 from monai_ssl.losses.dual_3d import (
     confidence_mask,
     contrastive_weight,
@@ -104,6 +105,11 @@ class DualNetwork3DObjective:
         pgl_sample_fraction: fraction of uncertain voxels sampled per class (1 %).
         pgl_routing: ``"loser"`` (code) or ``"both"`` subnets.
         pred: ``"average"``, ``"vnet"`` or ``"resnet"``.
+        unsup_rampup: iterations of a sigmoid ramp-up, ``exp(-5 (1 - t/L)^2)``, applied to
+            ``loss_consistency``, ``loss_kl``, ``loss_cps`` and ``loss_efs`` (0, the default: full
+            weight from the first step, as the paper and code). A remedy to try when the
+            unsupervised terms pull both subnets to background early (seen on LA at CPU scale:
+            bundle README); not validated yet.
     """
 
     def __init__(
@@ -124,7 +130,10 @@ class DualNetwork3DObjective:
         pgl_sample_fraction: float = 0.01,
         pgl_routing: str = "loser",
         pred: str = "average",
+        unsup_rampup: int = 0,
     ) -> None:
+        if unsup_rampup < 0:
+            raise ValueError(f"unsup_rampup must be >= 0 iterations, got {unsup_rampup}")
         self.consistency = consistency or ("cosine" if code_faithful else "mse")
         for name, value, allowed in (
             ("cr_mask", cr_mask, ("xor", "or")),
@@ -149,6 +158,7 @@ class DualNetwork3DObjective:
         self.pgl_sample_fraction = pgl_sample_fraction
         self.pgl_routing = pgl_routing
         self.pred = pred
+        self.unsup_rampup = unsup_rampup
 
     def __call__(
         self, engine, labeled: dict[str, torch.Tensor], unlabeled: dict[str, torch.Tensor] | None
@@ -173,7 +183,7 @@ class DualNetwork3DObjective:
             kl = kl + uncertainty_rectified_loss(z_b, z_a, self.temperature, self.code_faithful)
         out["loss_kl"] = kl
         if unlabeled is None:
-            return out
+            return self._ramp(out, engine)
 
         z_a_u, z_b_u = z_a[n_l:], z_b[n_l:]
         p_a_u, p_b_u = p_a[n_l:].detach(), p_b[n_l:].detach()
@@ -195,6 +205,15 @@ class DualNetwork3DObjective:
             for feats, prob in targets
         )
         out["loss_pgl"] = self.pgl_weight(max(engine.state.iteration - 1, 0)) * pgl
+        return self._ramp(out, engine)
+
+    def _ramp(self, out: dict[str, torch.Tensor], engine) -> dict[str, torch.Tensor]:
+        """Scale the unsupervised consistency / KL / CPS / EFS terms by the sigmoid ramp-up."""
+        if self.unsup_rampup > 0:
+            weight = sigmoid_rampup(max(engine.state.iteration - 1, 0), self.unsup_rampup)
+            for name in ("loss_consistency", "loss_kl", "loss_cps", "loss_efs"):
+                if name in out:
+                    out[name] = weight * out[name]
         return out
 
     def _pred(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
