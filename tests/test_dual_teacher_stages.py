@@ -113,6 +113,9 @@ def test_stwp_resumes_after_a_kill_to_the_uninterrupted_result_then_skips(tmp_pa
     reference = _warmup(tmp_path / "uninterrupted", appg)
     reference.run()
     assert all(not p.requires_grad for p in reference.network.parameters()) and not reference.network.training
+    reference.load_state_dict(reference.state_dict())  # what stage 3's resume checkpoint records and checks
+    with pytest.raises(RuntimeError, match="another static teacher"):
+        reference.load_state_dict({"config_hash": "0" * 64})
 
     killed = _warmup(tmp_path / "killed", appg, handlers=[_StopAfterFirstEpoch()])
     with pytest.raises(KeyboardInterrupt):
@@ -153,6 +156,21 @@ def test_bundle_reuses_finished_stages_and_runs_without_them(tmp_path: Path) -> 
     stamp = weights.stat().st_mtime_ns
     student = first.parser.get_parsed_content("network")
     assert (tmp_path / "a" / "models" / "static_teacher.json").is_file()
+
+    # stage 3 never resumes on top of a static teacher made by other settings
+    changed = make_workflow("dual_teacher", ["train.json"], **tiny_overrides(tmp_path / "a", epoch_length=2, max_epochs=2,
+                            stwp_learning_rate=3e-4))
+    changed.initialize()
+    with pytest.raises(Exception) as info:
+        changed.run()
+    chain, exc = [], info.value
+    while exc is not None:
+        chain.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    assert any("another static teacher" in msg for msg in chain), chain
+    weights.unlink()  # restore the first settings' static teacher for the reuse check below
+    first.parser.get_parsed_content("stwp").run()
+    stamp = weights.stat().st_mtime_ns
 
     # a second bundle root reusing the same static teacher file skips APPG and the warm-up
     again = make_workflow("dual_teacher", ["train.json"], **tiny_overrides(tmp_path / "b", epoch_length=2,

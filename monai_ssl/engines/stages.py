@@ -10,7 +10,9 @@ The dual-teacher bundle runs three stages in one ``monai.bundle run`` (methods s
    and a complete artifact made by the same settings (including the APPG config hash and image
    list) is loaded instead of retrained;
 3. the dual-teacher SSL stage is the bundle's ordinary trainer (with its own resume checkpoint),
-   whose student and EMA teacher start from the static teacher (:func:`copy_weights`).
+   whose student and EMA teacher start from the static teacher (:func:`copy_weights`); the
+   warm-up stage is part of that trainer's resume checkpoint (its ``state_dict`` is the static
+   teacher's settings hash), so a run is never resumed on top of a different static teacher.
 
 Under ``torch.distributed`` the first two stages run on rank 0 only; the other ranks wait for the
 artifact to be complete and then load it.
@@ -254,6 +256,7 @@ class StaticTeacherWarmup:
         self.learning_rate, self.device, self.amp = learning_rate, torch.device(device), amp
         self.channels_last, self.num_workers, self.seed, self.progress = channels_last, num_workers, seed, progress
         self.handlers = list(handlers)
+        self.digest: str | None = None
 
     def _artifact(self, manifest_path: Path, data: list[dict[str, str]]) -> StageArtifact:
         appg_manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -293,7 +296,22 @@ class StaticTeacherWarmup:
             _wait_until(signal.exists, f"the APPG and static-teacher stages ({signal})")
         state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
         _unwrap(self.network).load_state_dict(state)
+        self.digest = json.loads(self.weights_path.with_suffix(".json").read_text(encoding="utf-8"))["config_hash"]
         return freeze(self.network)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The settings hash of the static teacher in use, for the next stage's resume checkpoint."""
+        if self.digest is None:
+            raise RuntimeError("StaticTeacherWarmup.run() has not been called: no static teacher to record")
+        return {"config_hash": self.digest}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Refuse to resume a next stage that was trained from another static teacher."""
+        if state.get("config_hash") != self.digest:
+            raise RuntimeError(
+                f"the resume checkpoint was trained from another static teacher (settings {str(state.get('config_hash'))[:12]}, "
+                f"now {str(self.digest)[:12]} in {self.weights_path}): delete it or use another output_dir to start stage 3 afresh"
+            )
 
     def _make(self) -> None:
         """APPG, then the warm-up unless a complete artifact from the same settings exists."""

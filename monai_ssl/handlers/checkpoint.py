@@ -79,7 +79,8 @@ class ResumeCheckpoint:
         if save_interval < 1:
             raise ValueError(f"save_interval must be >= 1, got {save_interval}")
         self.path = Path(save_dir) / filename
-        self.save_dict = {**save_dict, "rng": RNGState()}
+        # entries that are None (e.g. a stage switched off in the config) are left out
+        self.save_dict = {**{k: v for k, v in save_dict.items() if v is not None}, "rng": RNGState()}
         self.save_interval = save_interval
         self.resume = resume
 
