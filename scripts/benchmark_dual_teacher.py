@@ -103,6 +103,7 @@ def run_worker(row: str, datalist: Path, args: argparse.Namespace) -> dict[str, 
             **extra,
         )
     results: dict[str, Any] = {"row": row, "bundle": bundle, "overrides": extra, "datalist": str(datalist.resolve())}
+    results["settings"] = {k: getattr(args, k) for k in ("dataset_dir", "size", "iterations", "val_every", "stwp_iterations", "lr", "seed", "threads")}
     wf = _workflow(bundle, ["train.json"], **train)
     wf.initialize()
     step_times: list[float] = []
@@ -145,7 +146,10 @@ def _fmt(summary: dict[str, Any], metric: str) -> str:
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    """One Markdown table per datalist."""
+    """One Markdown table per datalist (the header shows the settings the rows ran with)."""
+    ran_with = [r["settings"] for r in results if "settings" in r]
+    if ran_with:  # rows written by older versions of this script carry no settings
+        args = argparse.Namespace(**{**vars(args), **ran_with[0]})
     lines = [
         f"{Path(args.dataset_dir).name}, {args.size}x{args.size}, {args.iterations} iterations (validation every {args.val_every}), "
         f"static-teacher warm-up {args.stwp_iterations} iterations, Adam lr {args.lr}, seed {args.seed}, "
