@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
-from collections.abc import Iterator
+import types
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,3 +40,19 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     payload = data.encode("utf-8") if isinstance(data, str) else data
     with atomic_path(path) as tmp:
         tmp.write_bytes(payload)
+
+
+@contextmanager
+def modules_replaced(stand_ins: Mapping[str, types.ModuleType]) -> Iterator[None]:
+    """Put ``stand_ins`` in ``sys.modules`` for the ``with`` block, then restore what was there
+    (used to import a package past a dependency that cannot import here, e.g. timm/torchvision)."""
+    saved = {name: sys.modules.get(name) for name in stand_ins}
+    sys.modules.update(stand_ins)
+    try:
+        yield
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module

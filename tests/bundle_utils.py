@@ -14,6 +14,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLES_2D = ["supervised", "mean_teacher", "dual_teacher"]
 
 
+def error_messages(exc: BaseException | None) -> list[str]:
+    """Messages of ``exc`` and every exception it was raised from (MONAI's config parser wraps
+    errors, so the one naming the bad file is further down the chain)."""
+    messages = []
+    while exc is not None:
+        messages.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return messages
+
+
 def config_path(bundle: str, name: str) -> str:
     """Path of ``bundles/<bundle>/configs/<name>``."""
     return str(REPO_ROOT / "bundles" / bundle / "configs" / name)

@@ -9,15 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bundle_utils import error_messages
 from monai_ssl.bundle import find_images, segmentation_transforms_2d
 
 
 def _error_chain(exc: BaseException) -> str:
-    messages = []
-    while exc is not None:
-        messages.append(str(exc))
-        exc = exc.__cause__ or exc.__context__
-    return "\n".join(messages)
+    return "\n".join(error_messages(exc))
 
 
 def _pair(tmp_path: Path, image: np.ndarray, mask: np.ndarray, name: str = "case7") -> dict[str, str]:

@@ -24,7 +24,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
 from torch import nn
 
-from bundle_utils import REPO_ROOT, config_path, make_workflow
+from bundle_utils import REPO_ROOT, config_path, error_messages, make_workflow
 from monai_ssl.bundle import (
     find_volumes,
     inference_transforms_3d,
@@ -221,10 +221,7 @@ def test_missing_volume_in_datalist_is_named(tmp_path: Path) -> None:
     with pytest.raises(Exception) as info:
         wf.initialize()
         wf.run()
-    chain, exc = [], info.value
-    while exc is not None:
-        chain.append(str(exc))
-        exc = exc.__cause__ or exc.__context__
+    chain = error_messages(info.value)
     assert any("not_there.nii.gz" in msg for msg in chain), chain
 
 
@@ -277,10 +274,7 @@ def test_transform_errors_name_the_file(tmp_path: Path) -> None:
     item = _write_pair(tmp_path, np.zeros((10, 10, 10), np.float32), np.zeros((10, 10, 9), np.uint8), "nifti")
     with pytest.raises(Exception) as info:
         validation_transforms_3d()(item)
-    chain, exc = [], info.value
-    while exc is not None:
-        chain.append(str(exc))
-        exc = exc.__cause__ or exc.__context__
+    chain = error_messages(info.value)
     assert any("img.nii.gz" in m and "spatial size mismatch" in m for m in chain), chain
     multi = _write_pair(tmp_path, np.zeros((10, 10, 10), np.float32), (np.arange(1000).reshape(10, 10, 10) % 3).astype(np.uint8), "nifti")
     with pytest.raises(Exception) as info:

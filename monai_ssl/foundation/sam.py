@@ -32,6 +32,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from monai_ssl.utils import modules_replaced
+
 from .interfaces import torchvision_import_error
 from .litemedsam import BoxSegmentation, BoxSegmenterBase, as_rgb_array
 
@@ -89,17 +91,8 @@ def import_segment_anything() -> types.ModuleType:
         type(err).__name__,
         err,
     )
-    stand_ins = _stand_in_modules(err)
-    saved = {name: sys.modules.get(name) for name in stand_ins}
-    sys.modules.update(stand_ins)
-    try:
+    with modules_replaced(_stand_in_modules(err)):
         import segment_anything
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
     return segment_anything
 
 

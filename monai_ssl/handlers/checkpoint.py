@@ -93,9 +93,9 @@ class ResumeCheckpoint:
 
     def save(self, engine: Engine) -> None:
         """Write the checkpoint atomically (rank 0 only under torch.distributed)."""
-        if not _is_rank0():
+        if not is_rank0():
             return
-        state = {name: _unwrap(obj).state_dict() for name, obj in self.save_dict.items()}
+        state = {name: unwrap(obj).state_dict() for name, obj in self.save_dict.items()}
         atomic_torch_save(state, self.path)
 
     def load(self, engine: Engine) -> None:
@@ -114,7 +114,7 @@ class ResumeCheckpoint:
         max_epochs = engine.state.max_epochs
         for name, obj in self.save_dict.items():
             try:
-                _unwrap(obj).load_state_dict(state[name])
+                unwrap(obj).load_state_dict(state[name])
             except Exception as exc:
                 raise RuntimeError(
                     f"resume checkpoint {self.path}: cannot restore {name!r} ({exc}); it was written by another "
@@ -171,8 +171,8 @@ class BestModelSaver:
             return
         self.best = value
         self.best_epoch = evaluator.state.epoch  # ValidationHandler runs the evaluator at the trainer's epoch
-        if _is_rank0():
-            atomic_torch_save(_unwrap(self.network).state_dict(), self.path)
+        if is_rank0():
+            atomic_torch_save(unwrap(self.network).state_dict(), self.path)
             logger.info(f"{self.metric_name} improved to {value:.4f} at epoch {self.best_epoch}: saved {self.path}")
 
     def state_dict(self) -> dict[str, Any]:
@@ -184,9 +184,11 @@ class BestModelSaver:
         self.best, self.best_epoch = state["best"], state["best_epoch"]
 
 
-def _unwrap(obj: Any) -> Any:
+def unwrap(obj: Any) -> Any:
+    """The module inside a ``DataParallel`` / ``DistributedDataParallel`` wrapper, else ``obj``."""
     return obj.module if isinstance(obj, nn.Module) and hasattr(obj, "module") and isinstance(obj.module, nn.Module) else obj
 
 
-def _is_rank0() -> bool:
+def is_rank0() -> bool:
+    """True outside ``torch.distributed`` and on rank 0 inside it."""
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
