@@ -228,6 +228,20 @@ def test_prototype_loss_code_faithful_has_no_gradient_and_no_agreement_check() -
     assert not loss.requires_grad
 
 
+def test_prototype_loss_is_finite_on_float16_features_with_all_zero_voxels() -> None:
+    """Float16 features (CUDA autocast) with dead (all-zero) voxels: finite loss and gradient."""
+    z = pgl_features().detach().to(torch.float16)
+    voxels = z.view(2, 8)  # (channels, voxels)
+    voxels[:, 3] = 0.0  # a reliable background voxel whose features are all zero
+    voxels[:, 7] = 0.0  # an uncertain background voxel likewise
+    z.requires_grad_(True)
+    loss = prototype_contrastive_loss(z, PGL_OWN, PGL_FILTER, sample_fraction=1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    assert (z.grad.view(2, 8)[:, 7] == 0).all()  # the dead uncertain voxel is left out of the sample
+
+
 def test_contrastive_weight_schedule() -> None:
     assert contrastive_weight(0) == pytest.approx(0.1 * math.exp(-5))
     assert contrastive_weight(149) == contrastive_weight(0)

@@ -280,6 +280,10 @@ def uncertainty_rectified_loss(
     return (torch.exp(-kl) * ce).mean() + kl.mean()
 
 
+#: Uncertain voxels whose feature vector is shorter than this are left out of PGL's sample (no direction).
+MIN_FEATURE_NORM = 1e-3
+
+
 def _mean_distance(candidates: torch.Tensor, prototype: torch.Tensor) -> torch.Tensor:
     """Mean Euclidean distance between L2-normalised rows of ``candidates`` (N, C) and ``prototype`` (C)."""
     return torch.linalg.vector_norm(F.normalize(candidates, dim=1) - F.normalize(prototype, dim=0), dim=1).mean()
@@ -302,7 +306,8 @@ def prototype_contrastive_loss(
       voxels with union pseudo-label 1 / 0;
     * uncertain voxels: the ignored ones, split by this subnet's own argmax (``prob``) into
       ``U_f`` and ``U_b``; ``n = floor(sample_fraction * |U_f|)`` voxels are drawn at random from
-      each (the code uses the foreground count for both);
+      each (the code uses the foreground count for both), leaving out voxels whose feature
+      vector is shorter than :data:`MIN_FEATURE_NORM` (no direction to normalise);
     * ``L = mean_{U_f} |z^ - p^_f| + mean_{U_b} |z^ - p^_b| + |p^_f - p^_b|`` with ``^`` the L2
       normalisation; the third term (``third_term``) pulls the prototypes together, as the
       code and the paper's Table 6 ablation do.
@@ -321,16 +326,21 @@ def prototype_contrastive_loss(
     if require_agreement is None:
         require_agreement = not code_faithful
     with torch.set_grad_enabled(torch.is_grad_enabled() and not code_faithful):
-        z = features.movedim(1, -1).reshape(-1, features.shape[1])  # (N, C)
+        # At least float32, and uncertain voxels whose features (nearly) vanish are not sampled:
+        # the direction of a zero vector is undefined and F.normalize's gradient there is 1/eps
+        # (1e12), which overflows float16 and, under CUDA autocast, made GradScaler skip every
+        # optimiser step (seen on an H100: the paper-loss runs never learned).
+        z = features.to(torch.promote_types(features.dtype, torch.float32)).movedim(1, -1).reshape(-1, features.shape[1])  # (N, C)
         label = filt.pseudo_label.reshape(-1)
         ignore = filt.ignore.reshape(-1)
         reliable = ~ignore & filt.agree.reshape(-1) if require_agreement else ~ignore
         own = prob.argmax(dim=1).reshape(-1)
         proto_f = z[reliable & (label == 1)].mean(dim=0) if bool((reliable & (label == 1)).any()) else None
         proto_b = z[reliable & (label == 0)].mean(dim=0) if bool((reliable & (label == 0)).any()) else None
-        cand_f, cand_b = z[ignore & (own == 1)], z[ignore & (own == 0)]
-        n = int(sample_fraction * cand_f.shape[0])
-        loss = features.new_zeros(())
+        n = int(sample_fraction * int((ignore & (own == 1)).sum()))
+        directed = torch.linalg.vector_norm(z.detach(), dim=1) > MIN_FEATURE_NORM
+        cand_f, cand_b = z[ignore & (own == 1) & directed], z[ignore & (own == 0) & directed]
+        loss = z.new_zeros(())
         for cand, proto in ((cand_f, proto_f), (cand_b, proto_b)):
             k = min(n, cand.shape[0])
             if proto is not None and k > 0:
