@@ -14,7 +14,7 @@ from monai.networks.nets import UNet
 from monai.utils import set_determinism
 
 from conftest import blob_batch
-from monai_ssl.engines import SemiSupervisedTrainer
+from monai_ssl.engines import SKIPPED_STEPS_WARNING, SemiSupervisedTrainer
 from monai_ssl.handlers import BestModelSaver, EMATeacher, RampUp, ResumeCheckpoint, freeze, sigmoid_rampup
 from monai_ssl.methods import MeanTeacherObjective, SupervisedObjective
 
@@ -99,6 +99,21 @@ def test_no_unlabeled_data_warns_and_trains_supervised() -> None:
         trainer, *_ = make_trainer(max_epochs=1, unlabeled=False)
     trainer.run()
     assert "loss_cons" not in trainer.state.output and "loss_sup" in trainer.state.output
+
+
+def test_consecutive_grad_scaler_skips_are_counted_and_warned(caplog) -> None:
+    """The CUDA float16 scaler shrinks its scale on every skipped step; a run of skips is reported."""
+    trainer, *_ = make_trainer(max_epochs=1)
+    scale = 65536.0
+    with caplog.at_level("WARNING"):
+        for _ in range(SKIPPED_STEPS_WARNING - 1):
+            trainer.track_skipped_steps(scale, scale / 2)
+            scale /= 2
+        assert trainer.skipped_steps == SKIPPED_STEPS_WARNING - 1 and "skipped" not in caplog.text
+        trainer.track_skipped_steps(scale, scale / 2)
+    assert f"{SKIPPED_STEPS_WARNING} consecutive optimiser steps skipped" in caplog.text
+    trainer.track_skipped_steps(1.0, 1.0)  # a step taken (scale kept or grown) resets the count
+    assert trainer.skipped_steps == 0
 
 
 def test_unlabeled_loader_is_cycled_within_an_epoch() -> None:

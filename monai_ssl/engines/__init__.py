@@ -1,10 +1,11 @@
 """Training engines and multi-stage pipelines."""
 
 from .stages import APPGStage, StageArtifact, StaticTeacherWarmup, component_description, copy_weights
-from .trainer import Objective, SemiSupervisedTrainer, autocast_context
+from .trainer import SKIPPED_STEPS_WARNING, Objective, SemiSupervisedTrainer, autocast_context
 
 __all__ = [
     "APPGStage",
+    "SKIPPED_STEPS_WARNING",
     "Objective",
     "SemiSupervisedTrainer",
     "StageArtifact",

@@ -16,7 +16,10 @@ from ignite.engine import Events
 from monai.utils.enums import CommonKeys as Keys
 from torch.optim import Optimizer
 
-__all__ = ["SemiSupervisedTrainer", "Objective", "autocast_context"]
+__all__ = ["SemiSupervisedTrainer", "Objective", "autocast_context", "SKIPPED_STEPS_WARNING"]
+
+#: Consecutive optimiser steps skipped by the CUDA grad scaler (inf/NaN float16 gradients) per warning.
+SKIPPED_STEPS_WARNING = 20
 
 
 class Objective(Protocol):
@@ -114,6 +117,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         self.unlabeled_data_loader = unlabeled_data_loader
         self._unlabeled_iter: Iterator | None = None
         self._unlabeled_cycle = 0
+        self.skipped_steps = 0
         self.add_event_handler(Events.EPOCH_STARTED, self._restart_loaders)
 
     @property
@@ -190,11 +194,13 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             engine.state.output.update({k: v.detach() for k, v in terms.items()})
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if engine.scaler is not None:
+            scale = engine.scaler.get_scale()
             engine.scaler.scale(loss).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             for opt in self.optimizers:
                 engine.scaler.step(opt)
             engine.scaler.update()
+            self.track_skipped_steps(scale, engine.scaler.get_scale())
         else:
             loss.backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
@@ -203,6 +209,22 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         engine.state.output[Keys.LOSS] = loss.detach()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+    def track_skipped_steps(self, scale_before: float, scale_after: float) -> None:
+        """Count consecutive steps the grad scaler skipped (its scale shrank because a gradient was
+        inf/NaN in float16) and warn every :data:`SKIPPED_STEPS_WARNING` of them: a run whose steps
+        are all skipped does not learn, and nothing else would say so."""
+        if scale_after >= scale_before:
+            self.skipped_steps = 0
+            return
+        self.skipped_steps += 1
+        if self.skipped_steps % SKIPPED_STEPS_WARNING == 0:
+            self.logger.warning(
+                f"{self.skipped_steps} consecutive optimiser steps skipped by the float16 grad scaler "
+                f"(scale now {scale_after:g}): a loss term gives inf/NaN gradients in float16; "
+                "run with amp off (float32) to find it"
+            )
 
 
 def _is_empty(loader: Iterable) -> bool:
