@@ -41,9 +41,15 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-METHODS = ("dual_network_3d", "supervised_vnet", "dual_network_3d_code")
-#: The bundle's settings per dual-network variant: the paper's losses (default) or the authors' code.
-DUAL_VARIANTS: dict[str, dict[str, Any]] = {"dual_network_3d": {}, "dual_network_3d_code": {"code_faithful": True}}
+METHODS = ("dual_network_3d", "supervised_vnet", "dual_network_3d_code", "dual_network_3d_rampup")
+#: The bundle's settings per dual-network variant: the paper's losses (default), the authors' code, or the
+#: paper's losses with the unsupervised terms ramped up over the whole budget (``unsup_rampup``; the
+#: authors ramp their consistency weight over all 6000 iterations: 40 "epochs" of 150).
+DUAL_VARIANTS: dict[str, dict[str, Any]] = {
+    "dual_network_3d": {},
+    "dual_network_3d_code": {"code_faithful": True},
+    "dual_network_3d_rampup": {"unsup_rampup": "iterations"},
+}
 METRICS = ("dice", "iou", "hd95", "asd")
 CONFIGS = REPO_ROOT / "bundles" / "dual_network_3d" / "configs"
 
@@ -85,6 +91,7 @@ def train_dual(args: argparse.Namespace, out: Path, method: str = "dual_network_
     """Train the bundle's dual network (``method`` picks :data:`DUAL_VARIANTS`); return (the DualNetwork3D, seconds per iteration)."""
     from monai.bundle import ConfigWorkflow
 
+    variant = {k: (args.iterations if v == "iterations" else v) for k, v in DUAL_VARIANTS[method].items()}
     wf = ConfigWorkflow(
         config_file=str(CONFIGS / "train.json"), meta_file=str(CONFIGS / "metadata.json"),
         logging_file=str(CONFIGS / "logging.conf"), workflow_type="train",
@@ -92,7 +99,7 @@ def train_dual(args: argparse.Namespace, out: Path, method: str = "dual_network_
         crop_size=list(args.crop), max_iterations=args.iterations, epoch_length=args.iterations,
         val_interval=10**6,  # no validation: the final weights are evaluated
         lr_step_size=_lr_step(args), pgl_step_size=max(1, args.iterations // 40), amp=args.amp, seed=args.seed,
-        device="$torch.device('cpu')", **DUAL_VARIANTS[method],
+        device=f"$torch.device('{args.device}')", **variant,
     )
     wf.initialize()
     times = _attach_timer(wf.trainer, f"{method} train")
@@ -118,11 +125,11 @@ def train_vnet(args: argparse.Namespace, out: Path) -> tuple[Any, list[float]]:
     data = load_datalist(args.datalist, args.dataset_dir, "labeled")
     ds = CacheDataset(data, segmentation_transforms_3d(crop_size=args.crop), cache_rate=1.0, progress=False)
     loader = DataLoader(ds, batch_size=2, shuffle=True, drop_last=len(ds) > 2, num_workers=0)
-    net = VNet3D()
+    net = VNet3D().to(args.device)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=_lr_step(args), gamma=0.1)
     trainer = SemiSupervisedTrainer(
-        device=torch.device("cpu"), max_epochs=1, epoch_length=args.iterations, train_data_loader=loader, network=net,
+        device=torch.device(args.device), max_epochs=1, epoch_length=args.iterations, train_data_loader=loader, network=net,
         optimizer=opt, objective=SupervisedObjective(supervised_loss), unlabeled_data_loader=None, amp=args.amp,
         decollate=False, train_handlers=[LrScheduleHandler(sched, epoch_level=False, print_lr=False)],
     )
@@ -143,6 +150,7 @@ def evaluate(net: Any, method: str, args: argparse.Namespace, out: Path) -> list
     from monai_ssl.networks import DualNetwork3D
 
     net = net.eval()
+    amp_dtype = torch.bfloat16 if args.device == "cpu" else torch.float16
     predictor = (lambda x: net(x).float()) if isinstance(net, DualNetwork3D) else (lambda x: F.softmax(net(x).float(), dim=1))
     inferer = sliding_window_inferer_3d(roi_size=args.roi, stride=args.stride, sw_batch_size=args.sw_batch_size)
     transform = validation_transforms_3d()
@@ -150,10 +158,10 @@ def evaluate(net: Any, method: str, args: argparse.Namespace, out: Path) -> list
     cases = load_datalist(args.datalist, args.dataset_dir, "test")[: args.max_test_cases]
     for item in tqdm(cases, desc=f"{method} test", unit="case", file=sys.stderr):
         case = transform(item)
-        image = case["image"].as_tensor()[None]
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp):
+        image = case["image"].as_tensor()[None].to(args.device)
+        with torch.no_grad(), torch.autocast(args.device, dtype=amp_dtype, enabled=args.amp):
             prob = inferer(image, predictor)
-        pred = prob.argmax(dim=1)[0].numpy()
+        pred = prob.argmax(dim=1)[0].cpu().numpy()
         truth = case["label"].as_tensor()[0].numpy() > 0.5
         spacing = [float(s) for s in case["image"].meta["pixdim"][1:4]]
         case_id = Path(str(item["image"])).name.removesuffix(".nii.gz")
@@ -185,6 +193,8 @@ def run_worker(method: str, args: argparse.Namespace) -> dict[str, Any]:
         "train_wall_s": train_wall,
         "eval_wall_s": eval_wall,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "n_test_cases": len(records),
         "empty_predictions": sum(r["empty_case"] == "pred_empty" for r in records),
         "summary": summary,
@@ -210,21 +220,36 @@ def _fmt(summary: dict[str, Any], metric: str, scale: float = 1.0) -> str:
     return f"{scale * s['mean']:.2f} ± {scale * s['std']:.2f}"
 
 
+def _gpu_text(result: dict[str, Any]) -> str:
+    peak = result.get("peak_gpu_mib")
+    return "-" if peak is None else f"{peak:.0f}"
+
+
+def _device_text(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """Where the rows ran and in which precision."""
+    if args.device == "cuda":
+        names = sorted({str(r.get("device", "cuda")) for r in results})
+        return f"{', '.join(names)}, fp16 autocast {'on' if args.amp else 'off'}"
+    return f"CPU, bf16 autocast {'on' if args.amp else 'off'}, {args.threads} thread(s)"
+
+
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     """The Markdown table of all methods."""
     lines = [
         f"LA, {Path(args.datalist).name}, {args.iterations} iterations, crop {'x'.join(map(str, args.crop))}, "
-        f"bf16 autocast {'on' if args.amp else 'off'}, {args.threads} thread(s); test split, final weights, "
+        f"{_device_text(results, args)}; test split, final weights, "
         f"sliding window {'x'.join(map(str, args.roi))} stride {'x'.join(map(str, args.stride))}",
         "",
-        "| method | Dice % | Jaccard % | HD95 (vox) | ASD (vox) | HD95 (mm) | ASD (mm) | s/iter | peak RSS (MiB) | empty preds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | Dice % | Jaccard % | HD95 (vox) | ASD (vox) | HD95 (mm) | ASD (mm) | s/iter | peak RSS (MiB) "
+        "| peak GPU (MiB) | empty preds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s = r["summary"]
         lines.append(
             f"| {r['method']} | {_fmt(s, 'dice', 100)} | {_fmt(s, 'iou', 100)} | {_fmt(s, 'hd95')} | {_fmt(s, 'asd')} "
             f"| {_fmt(s, 'hd95_mm')} | {_fmt(s, 'asd_mm')} | {r['s_per_iter_median']:.2f} | {r['peak_rss_mib']:.0f} "
+            f"| {_gpu_text(r)} "
             f"| {r['empty_predictions']}/{r['n_test_cases']} |"
         )
     return "\n".join(lines)
@@ -255,9 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-test-cases", type=int, default=None, help="evaluate only the first N test cases (quick checks)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--no-amp", dest="amp", action="store_false", help="train and infer in float32")
+    p.add_argument("--no-amp", dest="amp", action="store_false",
+                   help="train and infer in float32 (default: bf16 autocast on CPU, fp16 autocast + loss scaling on CUDA)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--methods", nargs="+", default=list(METHODS[:2]), choices=METHODS,
-                   help="dual_network_3d (paper losses), supervised_vnet, dual_network_3d_code (code_faithful)")
+                   help="dual_network_3d (paper losses), supervised_vnet, dual_network_3d_code (code_faithful), "
+                   "dual_network_3d_rampup (paper losses, unsupervised terms ramped up over the budget)")
     p.add_argument("--reuse", action="store_true", help="reuse a method's <out>/<method>.json from an earlier run")
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
