@@ -68,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--delta", type=float, default=0.01, help="Eq.6 δ: minimum foreground fraction (default 0.01)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images of the list")
-    p.add_argument("--batch-size", type=int, default=8, help="images per image-encoder batch (default 8)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="images proposed, segmented and journalled together (default 8)")
+    p.add_argument("--encoder-batch-size", type=int, default=None,
+                   help="images per image-encoder forward (default: LiteMedSAM 1, the fastest per image on CPU; SAM 4)")
+    p.add_argument("--no-fuse-encoder", action="store_true",
+                   help="LiteMedSAM: run the model's own image encoder, not the conv+BN-folded channels-last copy")
     p.add_argument(
         "--precision", choices=("auto", "fp32", "bf16"), default="auto",
         help="segmenter precision; auto = bf16 autocast when the CPU has native bf16 (avx512_bf16/amx_bf16)",
@@ -98,14 +103,16 @@ def _segmenter(args: argparse.Namespace, bf16: bool) -> tuple[PromptableSegmente
     if args.segmenter == "litemedsam":
         from monai_ssl.foundation.litemedsam import LiteMedSAMPredictor
 
-        segmenter = LiteMedSAMPredictor(encoder_batch_size=args.batch_size, multimask_output=args.multimask)
+        segmenter = LiteMedSAMPredictor(
+            encoder_batch_size=args.encoder_batch_size or 1, multimask_output=args.multimask, fuse_encoder=not args.no_fuse_encoder
+        )
     else:
         from monai_ssl.foundation.sam import SamSegmenter
 
         if args.sam_checkpoint is None:
             raise ValueError("--segmenter sam needs --sam-checkpoint")
         segmenter = SamSegmenter(
-            args.sam_checkpoint, args.sam_type, encoder_batch_size=args.batch_size, multimask_output=args.multimask
+            args.sam_checkpoint, args.sam_type, encoder_batch_size=args.encoder_batch_size or 4, multimask_output=args.multimask
         )
     description = {**component_description(segmenter), "precision": "bf16" if bf16 else "fp32"}
     return (AutocastSegmenter(segmenter) if bf16 else segmenter), description

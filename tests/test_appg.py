@@ -110,6 +110,21 @@ def test_protocols_are_satisfied(litemedsam) -> None:
     assert isinstance(AutocastSegmenter(litemedsam), PromptableSegmenter)
 
 
+def test_fused_encoder_matches_the_original_and_leaves_it_untouched(litemedsam) -> None:
+    """Folding conv + batch norm and switching to channels-last changes nothing but float rounding."""
+    from monai_ssl.foundation.litemedsam import fused_image_encoder
+
+    original = litemedsam.model.image_encoder
+    fused = fused_image_encoder(original)
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = original(x), fused(x.contiguous(memory_format=torch.channels_last))
+    assert (got - expected).abs().max().item() < 1e-4 * expected.abs().max().item()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in original.modules())  # the model itself is unchanged
+    assert litemedsam.image_encoder is not original  # the predictor runs the fused copy
+
+
 def test_appg_end_to_end_with_litemedsam(first_run, images, dataset) -> None:
     manifest_path, counter = first_run
     manifest = json.loads(manifest_path.read_text())
