@@ -32,6 +32,7 @@ import io
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -176,6 +177,8 @@ def run_worker(method: str, args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     out = Path(args.out) / method
+    if out.exists():  # a fresh run: the bundle would otherwise resume (or skip) from an earlier run's checkpoint
+        shutil.rmtree(out)
     t0 = time.perf_counter()
     net, times = train_dual(args, out, method) if method in DUAL_VARIANTS else train_vnet(args, out)
     train_wall = time.perf_counter() - t0
