@@ -115,7 +115,11 @@ def run_worker(row: str, datalist: Path, args: argparse.Namespace) -> dict[str, 
         shutil.copy(shared / f"static_teacher_{tag}.pt", out / "models" / "model.pt")
         stwp = json.loads((shared / f"static_teacher_{tag}.json").read_text())
         results.update(stwp_iterations=stwp.get("iterations"), stwp_seconds=stwp.get("seconds_this_run"))
-        appg = json.loads((shared / "appg" / "report" / "appg_report.json").read_text())
+        from monai_ssl.pseudo.appg import store_lock
+
+        with store_lock(shared / "appg"):  # the store's report for this datalist, not a concurrent run's
+            wf.parser.get_parsed_content("appg").run()  # returns at once when the manifest is this list's
+            appg = json.loads((shared / "appg" / "report" / "appg_report.json").read_text())
         results["appg"] = {k: appg.get(k) for k in ("counts", "truth", "images_per_second")}
     else:
         wf.trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: started.append(time.perf_counter()))

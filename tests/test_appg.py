@@ -4,11 +4,12 @@ the Eq.6 validity filter, and the Grounding DINO / SAM loaders on tiny random-we
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import os
 
 import numpy as np
 import pytest
@@ -123,6 +124,27 @@ def test_fused_encoder_matches_the_original_and_leaves_it_untouched(litemedsam) 
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in original.modules())  # the model itself is unchanged
     assert litemedsam.image_encoder is not original  # the predictor runs the fused copy
+
+
+def _other_process_can_lock(folder: Path) -> bool:
+    """Whether a separate process gets the store's lock at once (non-blocking try)."""
+    code = (
+        "import fcntl, sys\n"
+        f"h = open({str(folder / '.appg.lock')!r}, 'a+')\n"
+        "try:\n    fcntl.flock(h, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n    sys.exit(3)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_store_lock_is_exclusive_across_processes_and_reentrant(tmp_path) -> None:
+    """Two processes sharing a store take turns; nesting in one process does not deadlock."""
+    from monai_ssl.pseudo.appg import store_lock
+
+    with store_lock(tmp_path):
+        with store_lock(tmp_path):  # re-entrant (the warm-up holds it around run_appg, which takes it too)
+            assert not _other_process_can_lock(tmp_path)
+        assert not _other_process_can_lock(tmp_path)  # still held by the outer level
+    assert _other_process_can_lock(tmp_path)
 
 
 def test_appg_end_to_end_with_litemedsam(first_run, images, dataset) -> None:

@@ -43,7 +43,7 @@ from monai_ssl.foundation.interfaces import AutocastSegmenter, BoxProposer, Prom
 from monai_ssl.handlers.checkpoint import ResumeCheckpoint, atomic_torch_save, is_rank0, unwrap
 from monai_ssl.handlers.teachers import freeze
 from monai_ssl.methods.supervised import SupervisedObjective
-from monai_ssl.pseudo.appg import config_hash, run_appg, valid_pseudo_datalist
+from monai_ssl.pseudo.appg import config_hash, run_appg, store_lock, valid_pseudo_datalist
 from monai_ssl.utils import atomic_write
 
 from .trainer import SemiSupervisedTrainer
@@ -315,14 +315,15 @@ class StaticTeacherWarmup:
 
     def _make(self) -> None:
         """APPG, then the warm-up unless a complete artifact from the same settings exists."""
-        manifest_path = self.appg.run()
-        data = valid_pseudo_datalist(manifest_path)
+        with store_lock(self.appg.out_dir):  # the manifest read is the one this run wrote, not a concurrent run's
+            manifest_path = self.appg.run()
+            data = valid_pseudo_datalist(manifest_path)
+            artifact = self._artifact(manifest_path, data)
         if not data:
             raise RuntimeError(
                 f"APPG produced no valid pseudo-labels ({manifest_path}): the static teacher has nothing to train on; "
                 "give unlabelled images, lower the validity threshold δ, or set use_static_teacher=false"
             )
-        artifact = self._artifact(manifest_path, data)
         if artifact.is_complete():
             logger.info("static teacher %s is complete for this configuration: loading it", self.weights_path)
         else:

@@ -38,16 +38,24 @@ last line is ignored). A complete manifest with the same hash and the same image
 reused and only the others computed. A different hash discards the previous results (journal,
 manifest and the masks they list) and recomputes into the same folder, with a warning: the folder
 always holds the results of exactly one configuration.
+
+Concurrent runs: :func:`run_appg` holds :func:`store_lock` (an exclusive ``fcntl`` lock on
+``<out_dir>/.appg.lock``) for its whole run, so two processes sharing a store (say two
+benchmarks with different image lists) take turns instead of interleaving their journal and
+manifest writes; the second reuses what the first journalled. A reader that needs the manifest
+to describe *its* image list (the static-teacher warm-up) runs APPG and reads the manifest under
+the same lock, which is re-entrant within a process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -75,6 +83,7 @@ __all__ = [
     "read_gray8",
     "rerank_score",
     "run_appg",
+    "store_lock",
     "valid_pseudo_datalist",
 ]
 
@@ -98,6 +107,9 @@ OPTIONAL_RERANK: dict[str, float] = {"valid_bonus": 0.0}
 INVALID_REASONS: tuple[str, ...] = ("no_box", "below_delta")
 MANIFEST_NAME = "manifest.json"
 JOURNAL_NAME = "journal.jsonl"
+LOCK_NAME = ".appg.lock"
+#: store lock file -> [open handle, nesting depth] for the locks this process holds
+_HELD_LOCKS: dict[Path, list[Any]] = {}
 MASK_DIR = "masks"
 MANIFEST_VERSION = 1
 #: PIL modes holding 8 bits per channel, converted to grayscale by :func:`read_gray8`.
@@ -106,6 +118,42 @@ MASK_LAYOUT = (
     "0/255 8-bit PNG, same size and pixel layout as the source image (natural row order: row = y); "
     "MONAI's PIL reader loads both transposed ([x, y]), so they stay aligned"
 )
+
+
+@contextlib.contextmanager
+def store_lock(out_dir: str | Path) -> Iterator[None]:
+    """Hold the exclusive lock of the APPG store ``out_dir`` (re-entrant within this process).
+
+    Another process asking for it waits (a log line says so). Where ``fcntl`` does not exist
+    (Windows) this is a no-op: do not share a store between concurrent runs there.
+    """
+    path = (Path(out_dir) / LOCK_NAME).resolve()
+    held = _HELD_LOCKS.get(path)
+    if held is not None:
+        held[1] += 1
+        try:
+            yield
+        finally:
+            held[1] -= 1
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("APPG store %s is in use by another process: waiting for it", path.parent)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        _HELD_LOCKS[path] = [handle, 1]
+        try:
+            yield
+        finally:
+            del _HELD_LOCKS[path]
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def config_hash(settings: Mapping[str, Any]) -> str:
@@ -450,7 +498,6 @@ def run_appg(
     if not prompts:
         raise ValueError("APPG needs at least one prompt")
     out_dir = Path(out_dir)
-    manifest_path = out_dir / MANIFEST_NAME
     settings: dict[str, Any] = {
         "prompts": list(prompts),
         "top_k": top_k,
@@ -469,7 +516,31 @@ def run_appg(
     settings.update(config or {})
     digest = config_hash(settings)
     entries = _case_entries(images)
+    with store_lock(out_dir):
+        return _run_locked(
+            out_dir, entries, digest, settings, proposer, segmenter, prompts, top_k, candidate_policy, min_foreground,
+            truth_lookup, overlay_count, encoder_batch_size, progress,
+        )
 
+
+def _run_locked(
+    out_dir: Path,
+    entries: list[tuple[str, str]],
+    digest: str,
+    settings: dict[str, Any],
+    proposer: BoxProposer,
+    segmenter: PromptableSegmenter,
+    prompts: Sequence[str],
+    top_k: int,
+    candidate_policy: str,
+    min_foreground: float,
+    truth_lookup: Callable[[str], str | Path | None] | None,
+    overlay_count: int,
+    encoder_batch_size: int,
+    progress: bool,
+) -> Path:
+    """The body of :func:`run_appg`, under the store's lock."""
+    manifest_path = out_dir / MANIFEST_NAME
     existing = _read_json(manifest_path)
     if (
         existing is not None
