@@ -107,9 +107,10 @@ class DualNetwork3DObjective:
         pred: ``"average"``, ``"vnet"`` or ``"resnet"``.
         unsup_rampup: iterations of a sigmoid ramp-up, ``exp(-5 (1 - t/L)^2)``, applied to
             ``loss_consistency``, ``loss_kl``, ``loss_cps`` and ``loss_efs`` (0, the default: full
-            weight from the first step, as the paper and code). A remedy to try when the
-            unsupervised terms pull both subnets to background early (seen on LA at CPU scale:
-            bundle README); not validated yet.
+            weight from the first step, as the paper and code). Against the early all-background
+            state seen on LA at CPU scale (bundle README): there it avoided the collapse but
+            learned less than the supervised V-Net; at the paper's crop on a GPU the default
+            needs no ramp.
     """
 
     def __init__(
