@@ -124,6 +124,12 @@ def test_fused_encoder_matches_the_original_and_leaves_it_untouched(litemedsam) 
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in original.modules())  # the model itself is unchanged
     assert litemedsam.image_encoder is not original  # the predictor runs the fused copy
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        encoder, dtype = litemedsam.encoder_for_this_call()
+        mixed = encoder(x.to(dtype).contiguous(memory_format=torch.channels_last)).float()
+    assert dtype == torch.bfloat16 and next(encoder.parameters()).dtype == torch.bfloat16
+    assert ((mixed - expected).norm() / expected.norm()).item() < 0.1  # bf16 rounding only
+    assert litemedsam.encoder_for_this_call() == (litemedsam.image_encoder, torch.float32)  # no autocast: float32
 
 
 def _other_process_can_lock(folder: Path) -> bool:
