@@ -210,7 +210,6 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
-
     def track_skipped_steps(self, scale_before: float, scale_after: float) -> None:
         """Count consecutive steps the grad scaler skipped (its scale shrank because a gradient was
         inf/NaN in float16) and warn every :data:`SKIPPED_STEPS_WARNING` of them: a run whose steps
