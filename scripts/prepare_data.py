@@ -410,8 +410,27 @@ def prepare_pancreas(src: Path, out: Path, margin: int = PANCREAS_MARGIN, overwr
         pairs[case_id] = (p, lab)
     _problems(f"Pancreas: image(s) without a label of the same number in {label_dir}", unpaired)
 
+    return _convert_volume_pairs(
+        pairs, out, overwrite, "pancreas",
+        lambda image, label, affine, label_path: pancreas_volume(image, _binary_label(label, label_path), affine, margin),
+    )
+
+
+def _convert_volume_pairs(
+    pairs: dict[str, tuple[Path, Path]],
+    out: Path,
+    overwrite: bool,
+    desc: str,
+    convert: Callable[[np.ndarray, np.ndarray, np.ndarray, Path], tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> Counter:
+    """Write ``imagesTr`` / ``labelsTr/<case_id>.nii.gz`` for every ``case_id -> (image, label)`` pair.
+
+    ``convert(image, label, affine, label_path)`` returns the volume, the 0/1 label and their
+    affine; a ``ValueError`` it raises becomes a ``PrepareError`` naming both files. Finished cases
+    are skipped unless ``overwrite``. Counts ``written``, ``skipped`` and ``empty_label``.
+    """
     stats: Counter = Counter()
-    for case_id, (image_path, label_path) in tqdm(sorted(pairs.items()), desc="pancreas", unit="case"):
+    for case_id, (image_path, label_path) in tqdm(sorted(pairs.items()), desc=desc, unit="case"):
         rels = [f"imagesTr/{case_id}.nii.gz", f"labelsTr/{case_id}.nii.gz"]
         if _done(out, rels, overwrite):
             stats["skipped"] += 1
@@ -421,10 +440,12 @@ def prepare_pancreas(src: Path, out: Path, margin: int = PANCREAS_MARGIN, overwr
         if image.shape != label.shape or image.ndim != 3:
             raise PrepareError(f"label {label_path} has shape {label.shape} but image {image_path} has {image.shape}")
         try:
-            cropped, mask, affine = pancreas_volume(image, _binary_label(label, label_path), image_nii.affine, margin)
+            volume, mask, affine = convert(image, label, image_nii.affine, label_path)
         except ValueError as e:
-            raise PrepareError(f"{label_path}: {e}") from e
-        _save_nifti(out / rels[0], nib.Nifti1Image(cropped, affine))
+            raise PrepareError(f"{image_path} / {label_path}: {e}") from e
+        if not mask.any():
+            stats["empty_label"] += 1
+        _save_nifti(out / rels[0], nib.Nifti1Image(volume, affine))
         _save_nifti(out / rels[1], nib.Nifti1Image(mask, affine))
         stats["written"] += 1
     return stats
@@ -475,25 +496,9 @@ def prepare_brats(src: Path, out: Path, modality: str = "flair", crop_brain: boo
         cases[case_id] = (image, seg)
     _problems(f"BraTS: case(s) without a {modality} volume", missing)
 
-    stats: Counter = Counter()
-    for case_id, (image_path, seg_path) in tqdm(sorted(cases.items()), desc="brats", unit="case"):
-        rels = [f"imagesTr/{case_id}.nii.gz", f"labelsTr/{case_id}.nii.gz"]
-        if _done(out, rels, overwrite):
-            stats["skipped"] += 1
-            continue
-        image, image_nii = _load_nifti(image_path)
-        seg, _ = _load_nifti(seg_path)
-        if image.shape != seg.shape or image.ndim != 3:
-            raise PrepareError(f"segmentation {seg_path} has shape {seg.shape} but {image_path} has {image.shape}")
-        try:
-            volume, label, affine = brats_volume(image, seg, image_nii.affine, crop_brain)
-        except ValueError as e:
-            raise PrepareError(f"{image_path}: {e}") from e
-        stats["empty_tumour"] += int(not label.any())
-        _save_nifti(out / rels[0], nib.Nifti1Image(volume, affine))
-        _save_nifti(out / rels[1], nib.Nifti1Image(label, affine))
-        stats["written"] += 1
-    return stats
+    return _convert_volume_pairs(
+        cases, out, overwrite, "brats", lambda image, seg, affine, _path: brats_volume(image, seg, affine, crop_brain)
+    )
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +69,17 @@ def make_workflow(bundle: str, configs: list[str], workflow_type: str = "train",
         workflow_type=workflow_type,
         **override,
     )
+
+
+def dataset_with_missing_image(src: str | Path, dest: Path, missing: str) -> Path:
+    """``dest``: the dataset at ``src`` (its folders symlinked) whose datalist's first labelled
+    image is replaced by the path ``missing``, which does not exist; returns ``dest``."""
+    src = Path(src)
+    dest.mkdir()
+    datalist = json.loads((src / "datalist.json").read_text())
+    datalist["labeled"][0]["image"] = missing
+    (dest / "datalist.json").write_text(json.dumps(datalist))
+    for sub in src.iterdir():
+        if sub.is_dir():
+            os.symlink(sub, dest / sub.name)
+    return dest

@@ -18,7 +18,7 @@ from PIL import Image
 
 from monai_ssl.data.datalist import load_datalist
 from monai_ssl.data.synthetic import synthetic_dataset
-from monai_ssl.foundation.appearance import AppearanceBoxProposer
+from monai_ssl.foundation.appearance import AppearanceBoxProposer, box_iou
 from monai_ssl.foundation.interfaces import AutocastSegmenter, BoxProposer, PromptableSegmenter, hidden_broken_torchvision
 from monai_ssl.foundation.litemedsam import BoxSegmentation
 from monai_ssl.pseudo.appg import (
@@ -299,18 +299,10 @@ def _ultrasound_like(seed: int = 0) -> tuple[np.ndarray, tuple[int, int, int, in
     return image, (int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1]))
 
 
-def _iou(a: Sequence[int], b: Sequence[int]) -> float:
-    iw, ih = min(a[2], b[2]) - max(a[0], b[0]) + 1, min(a[3], b[3]) - max(a[1], b[1]) + 1
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
-    return iw * ih / (area(a) + area(b) - iw * ih)
-
-
 def test_proposer_ranks_lesion_above_bottom_band_and_shadow() -> None:
     image, lesion_box = _ultrasound_like()
     proposals = AppearanceBoxProposer().propose(image, top_k=5)
-    assert proposals and _iou(proposals[0].box, lesion_box) > 0.6, (proposals[0], lesion_box)
+    assert proposals and box_iou(proposals[0].box, lesion_box) > 0.6, (proposals[0], lesion_box)
     lesion_score = proposals[0].score
     for p in proposals[1:]:
         if p.y1 >= image.shape[0] - 3:  # anything reaching the bottom (band, shadow) scores lower
@@ -350,7 +342,7 @@ def test_proposer_options_are_checked() -> None:
     # the depth penalty (off by default) only lowers scores of regions reaching below depth_start
     base = AppearanceBoxProposer().propose(image, top_k=10)
     deep = AppearanceBoxProposer(depth_start=0.6, depth_weight=5.0).propose(image, top_k=10)
-    assert _iou(deep[0].box, lesion_box) > 0.6 and deep[0].score == pytest.approx(base[0].score)
+    assert box_iou(deep[0].box, lesion_box) > 0.6 and deep[0].score == pytest.approx(base[0].score)
 
 
 def test_mask_evidence_and_rerank_score() -> None:

@@ -24,7 +24,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
 from torch import nn
 
-from bundle_utils import REPO_ROOT, config_path, error_messages, make_workflow
+from bundle_utils import REPO_ROOT, config_path, dataset_with_missing_image, error_messages, make_workflow
 from monai_ssl.bundle import (
     find_volumes,
     inference_transforms_3d,
@@ -209,14 +209,7 @@ def test_inference_presets_are_selectable_by_id(tmp_path: Path) -> None:
 
 
 def test_missing_volume_in_datalist_is_named(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    src = Path(tiny_volume_dir())
-    datalist = json.loads((src / "datalist.json").read_text())
-    datalist["labeled"][0]["image"] = "imagesTr/not_there.nii.gz"
-    (data_dir / "datalist.json").write_text(json.dumps(datalist))
-    for sub in ("imagesTr", "labelsTr"):
-        os.symlink(src / sub, data_dir / sub)
+    data_dir = dataset_with_missing_image(tiny_volume_dir(), tmp_path / "data", "imagesTr/not_there.nii.gz")
     wf = make_workflow(BUNDLE, ["train.json"], **tiny_overrides(tmp_path, dataset_dir=str(data_dir)))
     with pytest.raises(Exception) as info:
         wf.initialize()

@@ -21,6 +21,7 @@ from bundle_utils import (
     BUNDLES_2D,
     REPO_ROOT,
     config_path,
+    dataset_with_missing_image,
     error_messages,
     make_workflow,
     tiny_dataset_dir,
@@ -148,14 +149,7 @@ def test_one_epoch_lowers_the_loss_then_evaluate_and_infer(bundle: str, tmp_path
 
 
 def test_missing_file_in_datalist_is_named(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    src = Path(tiny_dataset_dir())
-    datalist = json.loads((src / "datalist.json").read_text())
-    datalist["labeled"][0]["image"] = "images/not_there.png"
-    (data_dir / "datalist.json").write_text(json.dumps(datalist))
-    for sub in ("images", "labels"):
-        os.symlink(src / sub, data_dir / sub)
+    data_dir = dataset_with_missing_image(tiny_dataset_dir(), tmp_path / "data", "images/not_there.png")
     wf = make_workflow("supervised", ["train.json"], **tiny_overrides(tmp_path, dataset_dir=str(data_dir)))
     with pytest.raises(Exception) as info:
         wf.initialize()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from monai.losses import DiceCELoss
 
-from monai_ssl.foundation.appearance import AppearanceBoxProposer, BoxProposal, parse_prompt, propose
+from monai_ssl.foundation.appearance import AppearanceBoxProposer, BoxProposal, box_iou, parse_prompt, propose
 from monai_ssl.losses.contrastive import (
     AURCLoss,
     confidence_map,
@@ -315,12 +315,9 @@ def speckled_oval(seed: int = 0, size: int = 256, center=(140, 110), axes=(35, 5
     return img, (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
 
 
-def box_iou(a, b) -> float:
-    iw, ih = min(a[2], b[2]) - max(a[0], b[0]) + 1, min(a[3], b[3]) - max(a[1], b[1]) + 1
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
-    return iw * ih / (area(a) + area(b) - iw * ih)
+def test_box_iou_of_inclusive_pixel_boxes() -> None:
+    assert box_iou((0, 0, 9, 9), (5, 0, 14, 9)) == pytest.approx(50 / 150)  # 10x10 boxes sharing 5 columns
+    assert box_iou((0, 0, 9, 9), (10, 0, 19, 9)) == 0.0 and box_iou((2, 3, 4, 5), (2, 3, 4, 5)) == 1.0
 
 
 def test_appearance_proposer_finds_dark_oval() -> None:

@@ -49,7 +49,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-__all__ = ["AppearanceBoxProposer", "AppearanceCriteria", "BoxProposal", "DEFAULT_PROMPTS", "parse_prompt", "propose"]
+__all__ = ["AppearanceBoxProposer", "AppearanceCriteria", "BoxProposal", "DEFAULT_PROMPTS", "box_iou", "parse_prompt", "propose"]
 
 #: The paper's universal appearance prompts (GPT-5 output in APPG).
 DEFAULT_PROMPTS: tuple[str, ...] = ("dark oval", "dark round", "dark lobulated")
@@ -142,8 +142,8 @@ def _shape_score(region: _Region, shape: str | None) -> float:
     return _gauss(region.solidity, 0.7, 0.12)  # irregular
 
 
-def _box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
-    """IoU of two inclusive pixel boxes."""
+def box_iou(a: Sequence[int], b: Sequence[int]) -> float:
+    """IoU of two inclusive pixel boxes ``x0, y0, x1, y1``."""
     iw = min(a[2], b[2]) - max(a[0], b[0]) + 1
     ih = min(a[3], b[3]) - max(a[1], b[1]) + 1
     if iw <= 0 or ih <= 0:
@@ -157,7 +157,7 @@ def _nms(proposals: list[BoxProposal], iou: float) -> list[BoxProposal]:
     """Greedy non-maximum suppression; ties broken by box coordinates so the order is deterministic."""
     kept: list[BoxProposal] = []
     for p in sorted(proposals, key=lambda q: (-q.score, q.box, q.prompt)):
-        if all(_box_iou(p.box, k.box) <= iou for k in kept):
+        if all(box_iou(p.box, k.box) <= iou for k in kept):
             kept.append(p)
     return kept
 

@@ -67,7 +67,7 @@ from tqdm import tqdm
 
 from monai_ssl.data.datalist import case_id_from_path
 from monai_ssl.evaluation import case_metrics, save_overlay, summarize, write_report
-from monai_ssl.foundation.appearance import DEFAULT_PROMPTS, BoxProposal
+from monai_ssl.foundation.appearance import DEFAULT_PROMPTS, BoxProposal, box_iou
 from monai_ssl.foundation.interfaces import BoxProposer, PromptableSegmenter
 from monai_ssl.foundation.litemedsam import BoxSegmentation
 from monai_ssl.utils import atomic_path, atomic_write
@@ -278,7 +278,7 @@ def mask_evidence(image: np.ndarray, mask: np.ndarray, box: Sequence[int], work_
         return {"contrast": 0.0, "box_agreement": 0.0, "border": 1.0, "area_fraction": 0.0}
     rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
     mask_box = (int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1]))
-    agreement = _box_iou(mask_box, tuple(int(v) for v in box))
+    agreement = box_iou(mask_box, tuple(int(v) for v in box))
     step = max(1, int(np.ceil(max(gray.shape) / work_size)))
     small, small_mask = gray[::step, ::step], mask[::step, ::step]
     lo, hi = np.percentile(small, [1.0, 99.0])
@@ -292,18 +292,6 @@ def mask_evidence(image: np.ndarray, mask: np.ndarray, box: Sequence[int], work_
         on_border = edge[0, :].sum() + edge[-1, :].sum() + edge[1:-1, 0].sum() + edge[1:-1, -1].sum()
         border = float(on_border / max(1, edge.sum()))
     return {"contrast": contrast, "box_agreement": float(agreement), "border": border, "area_fraction": float(mask.mean())}
-
-
-def _box_iou(a: Sequence[int], b: Sequence[int]) -> float:
-    """IoU of two inclusive pixel boxes ``x0, y0, x1, y1``."""
-    iw = min(a[2], b[2]) - max(a[0], b[0]) + 1
-    ih = min(a[3], b[3]) - max(a[1], b[1]) + 1
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    area_a = (a[2] - a[0] + 1) * (a[3] - a[1] + 1)
-    area_b = (b[2] - b[0] + 1) * (b[3] - b[1] + 1)
-    return inter / (area_a + area_b - inter)
 
 
 def rerank_score(
@@ -517,86 +505,63 @@ def run_appg(
     digest = config_hash(settings)
     entries = _case_entries(images)
     with store_lock(out_dir):
-        return _run_locked(
-            out_dir, entries, digest, settings, proposer, segmenter, prompts, top_k, candidate_policy, min_foreground,
-            truth_lookup, overlay_count, encoder_batch_size, progress,
-        )
+        manifest_path = out_dir / MANIFEST_NAME
+        existing = _read_json(manifest_path)
+        if (
+            existing is not None
+            and existing.get("complete") is True
+            and existing.get("config_hash") == digest
+            and [(r["case_id"], r["image"]) for r in existing.get("images", [])] == entries
+        ):
+            logger.info("APPG %s is complete for config %s: nothing to do", manifest_path, digest[:12])
+            return manifest_path
 
+        out_dir.mkdir(parents=True, exist_ok=True)
+        done = _resume(out_dir, digest, settings)
+        manifest_path.unlink(missing_ok=True)  # rewritten, complete, at the end
+        todo = [e for e in entries if e[0] not in done or done[e[0]]["image"] != e[1]]
+        if done:
+            logger.info("APPG resumes in %s: %d of %d images already done", out_dir, len(entries) - len(todo), len(entries))
 
-def _run_locked(
-    out_dir: Path,
-    entries: list[tuple[str, str]],
-    digest: str,
-    settings: dict[str, Any],
-    proposer: BoxProposer,
-    segmenter: PromptableSegmenter,
-    prompts: Sequence[str],
-    top_k: int,
-    candidate_policy: str,
-    min_foreground: float,
-    truth_lookup: Callable[[str], str | Path | None] | None,
-    overlay_count: int,
-    encoder_batch_size: int,
-    progress: bool,
-) -> Path:
-    """The body of :func:`run_appg`, under the store's lock."""
-    manifest_path = out_dir / MANIFEST_NAME
-    existing = _read_json(manifest_path)
-    if (
-        existing is not None
-        and existing.get("complete") is True
-        and existing.get("config_hash") == digest
-        and [(r["case_id"], r["image"]) for r in existing.get("images", [])] == entries
-    ):
-        logger.info("APPG %s is complete for config %s: nothing to do", manifest_path, digest[:12])
+        start = time.perf_counter()
+        with open(out_dir / JOURNAL_NAME, "a", encoding="utf-8") as journal, tqdm(
+            total=len(entries), initial=len(entries) - len(todo), desc="APPG", unit="img", disable=not progress
+        ) as bar:
+            for first in range(0, len(todo), encoder_batch_size):
+                chunk = todo[first : first + encoder_batch_size]
+                for record in _process_chunk(
+                    chunk, out_dir, proposer, segmenter, prompts, top_k, candidate_policy, min_foreground, settings.get("rerank")
+                ):
+                    journal.write(json.dumps(record) + "\n")
+                    journal.flush()
+                    os.fsync(journal.fileno())
+                    done[record["case_id"]] = record
+                    bar.update(1)
+        wall = time.perf_counter() - start
+
+        records = [done[case_id] for case_id, _ in entries]
+        image_seconds = sum(r["seconds"] for r in records)
+        manifest = {
+            "stage": "appg",
+            "version": MANIFEST_VERSION,
+            "complete": True,
+            "config_hash": digest,
+            "config": settings,
+            "mask_layout": MASK_LAYOUT,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "counts": _counts(records),
+            "timing": {
+                "image_seconds": image_seconds,
+                "images_per_second": len(records) / image_seconds if image_seconds > 0 else None,
+                "computed_this_run": len(todo),
+                "wall_seconds_this_run": wall,
+            },
+            "images": records,
+        }
+        atomic_write(manifest_path, json.dumps(manifest, indent=1) + "\n")
+        if records:
+            appg_report(manifest_path, truth_lookup=truth_lookup, out_dir=out_dir / "report", overlay_count=overlay_count)
         return manifest_path
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    done = _resume(out_dir, digest, settings)
-    manifest_path.unlink(missing_ok=True)  # rewritten, complete, at the end
-    todo = [e for e in entries if e[0] not in done or done[e[0]]["image"] != e[1]]
-    if done:
-        logger.info("APPG resumes in %s: %d of %d images already done", out_dir, len(entries) - len(todo), len(entries))
-
-    start = time.perf_counter()
-    with open(out_dir / JOURNAL_NAME, "a", encoding="utf-8") as journal, tqdm(
-        total=len(entries), initial=len(entries) - len(todo), desc="APPG", unit="img", disable=not progress
-    ) as bar:
-        for first in range(0, len(todo), encoder_batch_size):
-            chunk = todo[first : first + encoder_batch_size]
-            for record in _process_chunk(
-                chunk, out_dir, proposer, segmenter, prompts, top_k, candidate_policy, min_foreground, settings.get("rerank")
-            ):
-                journal.write(json.dumps(record) + "\n")
-                journal.flush()
-                os.fsync(journal.fileno())
-                done[record["case_id"]] = record
-                bar.update(1)
-    wall = time.perf_counter() - start
-
-    records = [done[case_id] for case_id, _ in entries]
-    image_seconds = sum(r["seconds"] for r in records)
-    manifest = {
-        "stage": "appg",
-        "version": MANIFEST_VERSION,
-        "complete": True,
-        "config_hash": digest,
-        "config": settings,
-        "mask_layout": MASK_LAYOUT,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "counts": _counts(records),
-        "timing": {
-            "image_seconds": image_seconds,
-            "images_per_second": len(records) / image_seconds if image_seconds > 0 else None,
-            "computed_this_run": len(todo),
-            "wall_seconds_this_run": wall,
-        },
-        "images": records,
-    }
-    atomic_write(manifest_path, json.dumps(manifest, indent=1) + "\n")
-    if records:
-        appg_report(manifest_path, truth_lookup=truth_lookup, out_dir=out_dir / "report", overlay_count=overlay_count)
-    return manifest_path
 
 
 def _load_complete_manifest(manifest_path: str | Path) -> dict:
