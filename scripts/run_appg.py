@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,15 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from monai_ssl.data.datalist import DatalistError, load_datalist  # noqa: E402
-from monai_ssl.engines.stages import component_description  # noqa: E402
-from monai_ssl.foundation.appearance import DEFAULT_PROMPTS, AppearanceBoxProposer  # noqa: E402
-from monai_ssl.foundation.interfaces import AutocastSegmenter, BoxProposer, PromptableSegmenter, bf16_supported  # noqa: E402
-from monai_ssl.pseudo.appg import CANDIDATE_POLICIES, appg_report, run_appg  # noqa: E402
+# monai_ssl is imported inside the functions: APPG's spawned worker processes re-import this file
+# (as __mp_main__) and are started faster without the whole package and MONAI (monai_ssl.pseudo.appg)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the CLI."""
+    from monai_ssl.foundation.appearance import DEFAULT_PROMPTS
+    from monai_ssl.pseudo.appg import CANDIDATE_POLICIES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset-dir", type=Path, required=True, help="prepared dataset dir (images/ + labels/)")
     p.add_argument("--datalist", type=Path, default=None, help="datalist JSON (default <dataset-dir>/datalist.json)")
@@ -78,14 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", choices=("auto", "fp32", "bf16"), default="auto",
         help="segmenter precision; auto = bf16 autocast when the CPU has native bf16 (avx512_bf16/amx_bf16)",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--workers", type=int, default=None,
+        help="worker processes computing the images, each with its own proposer and segmenter (default: "
+        "min(4, CPU count)); the outputs do not depend on it",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads of each process that computes images: this one with --workers 1, else each worker "
+        "(default: torch's choice divided by the workers)",
+    )
     p.add_argument("--overlays", type=int, default=16, help="overlay images written for the first N cases (default 16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
-def _proposer(args: argparse.Namespace) -> tuple[BoxProposer, dict[str, Any]]:
+def _proposer(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """The box proposer and its description for the config hash."""
+    from monai_ssl.engines.stages import component_description
+    from monai_ssl.foundation.appearance import AppearanceBoxProposer
+
     if args.proposer == "appearance":
         proposer = AppearanceBoxProposer()
         return proposer, component_description(proposer)
@@ -97,9 +111,12 @@ def _proposer(args: argparse.Namespace) -> tuple[BoxProposer, dict[str, Any]]:
     return gdino, component_description(gdino)
 
 
-def _segmenter(args: argparse.Namespace, bf16: bool) -> tuple[PromptableSegmenter, dict[str, Any]]:
+def _segmenter(args: argparse.Namespace, bf16: bool) -> tuple[Any, dict[str, Any]]:
     """The promptable segmenter (bf16-wrapped when asked) and its description for the config hash."""
-    segmenter: PromptableSegmenter
+    from monai_ssl.engines.stages import component_description
+    from monai_ssl.foundation.interfaces import AutocastSegmenter
+
+    segmenter: Any
     if args.segmenter == "litemedsam":
         from monai_ssl.foundation.litemedsam import LiteMedSAMPredictor
 
@@ -118,6 +135,56 @@ def _segmenter(args: argparse.Namespace, bf16: bool) -> tuple[PromptableSegmente
     return (AutocastSegmenter(segmenter) if bf16 else segmenter), description
 
 
+class _MemorySampler:
+    """Samples the summed RSS of this process and its child processes (Linux ``/proc``) every
+    ``interval`` seconds in a daemon thread; ``peak_mib`` is the largest sum seen."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.peak_mib = 0.0
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _rss_kib(pid: int | str) -> int:
+        try:
+            with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+                for line in handle:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def _children(self) -> list[str]:
+        me, found = str(os.getpid()), []
+        try:
+            pids = [name for name in os.listdir("/proc") if name.isdigit()]
+        except OSError:
+            return found
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[1] == me:  # the parent pid
+                found.append(pid)
+        return found
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = self._rss_kib(os.getpid()) + sum(self._rss_kib(pid) for pid in self._children())
+            self.peak_mib = max(self.peak_mib, total / 1024)
+            self._stop.wait(self._interval)
+
+    def stop(self) -> None:
+        """Stop sampling."""
+        self._stop.set()
+        self._thread.join()
+
+
 def _format_quality(name: str, stats: dict[str, Any] | None) -> str:
     """``name (n): Dice m ± s, IoU m ± s``."""
     if stats is None:
@@ -128,9 +195,21 @@ def _format_quality(name: str, stats: dict[str, Any] | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (1 with a message on a data or model error)."""
+    from monai_ssl.data.datalist import DatalistError, load_datalist
+    from monai_ssl.foundation.interfaces import bf16_supported
+    from monai_ssl.pseudo.appg import appg_report, run_appg, tune_malloc_for_inference
+
     args = build_parser().parse_args(argv)
-    if args.threads is not None:
+    if args.workers is None:
+        from monai_ssl.pseudo.appg import default_workers
+
+        args.workers = default_workers()  # this script runs the models on the CPU
+    if args.workers < 1 or (args.threads is not None and args.threads < 1):
+        print(f"error: --workers and --threads must be >= 1, got {args.workers} and {args.threads}", file=sys.stderr)
+        return 1
+    if args.threads is not None and args.workers == 1:
         torch.set_num_threads(args.threads)
+    tune_malloc_for_inference()  # this process only does inference: keep freed activations for reuse
     bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_supported())
     datalist = args.datalist or args.dataset_dir / "datalist.json"
     try:
@@ -150,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     manifest_file = args.out / "manifest.json"
     before = manifest_file.stat().st_mtime_ns if manifest_file.is_file() else None
+    memory = _MemorySampler()
     try:
         manifest_path = run_appg(
             images,
@@ -166,10 +246,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             encoder_batch_size=args.batch_size,
             progress=not args.no_progress,
             rerank={"valid_bonus": args.valid_bonus} if args.valid_bonus else None,
+            workers=args.workers,
+            threads_per_worker=args.threads,
         )
     except (ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        memory.stop()
     manifest = json.loads(manifest_path.read_text())
     if not manifest["images"]:
         print(f"APPG: no images under key {args.key!r} of {datalist}")
@@ -189,11 +273,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_note = "already complete with this config: nothing computed in this run"
     else:
         run_note = f"{timing['computed_this_run']} computed in this run, {timing['wall_seconds_this_run']:.1f} s wall"
+    workers = timing.get("workers_this_run", 1)
+    if workers > 1:
+        threads = f"{workers} worker processes x {args.threads or max(1, torch.get_num_threads() // workers)} thread(s)"
+    else:
+        threads = f"1 process x {torch.get_num_threads()} thread(s)"
+    if timing.get("wall_images_per_second_this_run") is not None and run_note.endswith("wall"):
+        print(f"  speed (wall): {timing['wall_images_per_second_this_run']:.3f} images/s ({run_note}; {threads})")
     print(
-        f"  speed: {speed or 0.0:.3f} images/s over the manifest's per-image times ({run_note}); "
-        f"precision {'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} thread(s)"
+        f"  speed (per-image compute times): {speed or 0.0:.3f} images/s of one process; "
+        f"precision {'bf16' if bf16 else 'fp32'}"
     )
-    print(f"  peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    if workers > 1:  # (other child processes, e.g. a library's subprocess, also count in RUSAGE_CHILDREN)
+        print(
+            f"  peak RSS: this process {own:.0f} MiB, largest worker {children:.0f} MiB; sampled peak of "
+            f"this process + workers together {memory.peak_mib:.0f} MiB (sum of RSS: pages shared by the "
+            "processes, e.g. the torch libraries, count once per process)"
+        )
+    else:
+        print(f"  peak RSS: {own:.0f} MiB")
     print(f"  report: {report_path.parent} (CSV, JSON, overlays/)")
     return 0
 

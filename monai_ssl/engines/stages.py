@@ -139,6 +139,9 @@ class APPGStage:
         truth_dir: optional folder of ``<case_id>.png`` truth masks, for the report only.
         key: datalist key of the images to pseudo-label.
         progress: show a progress bar.
+        workers: processes computing the images (``run_appg``'s ``workers``: more than 1 spawns
+            that many worker processes, each with a copy of the proposer and segmenter and
+            ``torch.get_num_threads() // workers`` threads); not part of the settings hash.
     """
 
     def __init__(
@@ -157,7 +160,10 @@ class APPGStage:
         truth_dir: str | os.PathLike | None = None,
         key: str = "unlabeled",
         progress: bool = True,
+        workers: int = 1,
     ) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         if precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
         self.datalist, self.dataset_dir, self.key = datalist, dataset_dir, key
@@ -170,6 +176,7 @@ class APPGStage:
         self.rerank = dict(rerank) if rerank else None
         self.truth_dir = Path(truth_dir) if truth_dir else None
         self.progress = progress
+        self.workers = workers
 
     @property
     def manifest_path(self) -> Path:
@@ -196,6 +203,7 @@ class APPGStage:
         return run_appg(
             images, self.out_dir, self.proposer, segmenter, self.prompts, self.top_k, self.candidate_policy,
             self.min_foreground, config=config, truth_lookup=truth_lookup, progress=self.progress, rerank=self.rerank,
+            workers=self.workers,
         )
 
 

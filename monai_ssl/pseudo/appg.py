@@ -39,6 +39,18 @@ reused and only the others computed. A different hash discards the previous resu
 manifest and the masks they list) and recomputes into the same folder, with a warning: the folder
 always holds the results of exactly one configuration.
 
+Worker processes: with ``workers > 1`` the images are split into chunks that ``workers``
+processes (``spawn`` start method, ``threads_per_worker`` torch threads each) propose, segment,
+choose and write masks for, each with its own unpickled copy of the proposer and segmenter
+(precision wrappers such as ``AutocastSegmenter`` included, so they run exactly as in-process).
+The parent process stays the only writer of the journal, the manifest and the report and
+journals each chunk as it comes back, so resuming works as with one process; the outputs do
+not depend on ``workers``, which is therefore not part of the config hash. On this project's
+2-core CPU, 2 workers x 1 thread beat 1 process x 2 intra-op threads (the models' kernels do not
+scale well over 2 threads). Worker processes return freed memory to the system lazily (glibc
+``mallopt``: no ``mmap`` for large blocks, a high trim threshold): re-faulting the encoder's
+32 MiB activations on every call cost about a fifth of its time.
+
 Concurrent runs: :func:`run_appg` holds :func:`store_lock` (an exclusive ``fcntl`` lock on
 ``<out_dir>/.appg.lock``) for its whole run, so two processes sharing a store (say two
 benchmarks with different image lists) take turns instead of interleaving their journal and
@@ -50,23 +62,31 @@ the same lock, which is re-entrant within a process.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
+import pickle
+import queue
+import signal
 import time
+import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from monai_ssl.data.datalist import case_id_from_path
-from monai_ssl.evaluation import case_metrics, save_overlay, summarize, write_report
+# monai_ssl.data.datalist and monai_ssl.evaluation are imported where used: a worker process
+# (see _WORKER_BOOTSTRAP) imports this module without the rest of monai_ssl and MONAI
 from monai_ssl.foundation.appearance import DEFAULT_PROMPTS, BoxProposal, box_iou
 from monai_ssl.foundation.interfaces import BoxProposer, PromptableSegmenter
 from monai_ssl.foundation.litemedsam import BoxSegmentation
@@ -83,7 +103,9 @@ __all__ = [
     "read_gray8",
     "rerank_score",
     "run_appg",
+    "default_workers",
     "store_lock",
+    "tune_malloc_for_inference",
     "valid_pseudo_datalist",
 ]
 
@@ -183,6 +205,8 @@ def _write_mask(path: Path, mask: np.ndarray) -> None:
 
 def _case_entries(images: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
     """``(case_id, image path)`` of each datalist entry; duplicate case ids are an error (they share a mask file)."""
+    from monai_ssl.data.datalist import case_id_from_path
+
     entries: list[tuple[str, str]] = []
     for i, item in enumerate(images):
         image = item.get("image")
@@ -437,6 +461,202 @@ def _process_chunk(
     return records
 
 
+@dataclass(frozen=True)
+class _ChunkJob:
+    """The per-run settings of :func:`_process_chunk` (everything but the chunk and the models); pickles."""
+
+    out_dir: Path
+    prompts: list[str]
+    top_k: int
+    policy: str
+    min_foreground: float
+    rerank: Mapping[str, float] | None
+
+    def run(self, chunk: Sequence[tuple[str, str]], proposer: BoxProposer, segmenter: PromptableSegmenter) -> list[dict]:
+        """:func:`_process_chunk` of ``chunk`` with these settings."""
+        return _process_chunk(
+            chunk, self.out_dir, proposer, segmenter, self.prompts, self.top_k, self.policy, self.min_foreground, self.rerank
+        )
+
+
+def default_workers(device: str | torch.device = "cpu") -> int:
+    """APPG worker processes to use by default: 1 on a GPU (one process keeps it busy), else one
+    per CPU core up to 4 (each then gets ``torch.get_num_threads() // workers`` threads)."""
+    return 1 if torch.device(device).type == "cuda" else min(4, os.cpu_count() or 1)
+
+
+def tune_malloc_for_inference() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning it to the system at once.
+
+    ``mallopt(M_MMAP_MAX, 0)`` (large blocks come from the heap, not from fresh ``mmap`` pages)
+    and ``mallopt(M_TRIM_THRESHOLD, 1 GiB)``. PyTorch's CPU tensors are plain ``malloc`` blocks,
+    so without this every activation above glibc's mmap threshold (LiteMedSAM's encoder makes
+    32 MiB ones at 256 x 256) is mapped, page-faulted and unmapped on every call: about a fifth
+    of the encoder's time on this project's CPU. Process-wide and irreversible, so call it only in
+    processes that do inference (APPG's workers, ``scripts/run_appg.py``). Returns False where
+    ``mallopt`` does not exist (not glibc) or refuses; nothing changes then.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # this process's own symbols, libc's among them (no ldconfig subprocess)
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+#: What a worker process runs (``exec``, the target of a spawned process). ``import monai_ssl``
+#: imports every sub-package and MONAI (about 7 s of CPU here), while a worker needs only this
+#: module, the foundation models and what the pickled proposer and segmenter import: so unless the
+#: parent's main module has imported it already, ``monai_ssl`` is registered as a bare package
+#: (its ``__init__`` not run) and its sub-modules are imported on demand as usual (about 3 s).
+_WORKER_BOOTSTRAP = """
+import sys, types
+if "monai_ssl" not in sys.modules:
+    package = types.ModuleType("monai_ssl", "monai_ssl without its __init__ (an APPG worker process)")
+    package.__path__ = [PACKAGE_DIR]
+    package.__file__ = PACKAGE_DIR + "/__init__.py"
+    sys.modules["monai_ssl"] = package
+from monai_ssl.pseudo.appg import _worker_main
+_worker_main(*WORKER_ARGS)
+"""
+
+#: seconds a worker waits for a task before checking that its parent still lives
+_WORKER_POLL_SECONDS = 5.0
+
+
+def _worker_error(err: BaseException, chunk: Sequence[tuple[str, str]]) -> tuple[str, str]:
+    """Message (naming the case ids) and traceback text of an exception raised in a worker."""
+    message = str(err)
+    if not message.startswith("APPG case"):
+        message = f"APPG case {', '.join(case_id for case_id, _ in chunk)}: {type(err).__name__}: {err}"
+    return message, "".join(traceback.format_exception(err))
+
+
+def _worker_main(
+    index: int,
+    payload: bytes,
+    threads: int,
+    tasks: Any,
+    results: Any,
+    parent_pid: int,
+) -> None:
+    """Body of an APPG worker process: unpickle the job and models, then run chunks until told to stop.
+
+    Messages on ``results``: ``("ok", index, number, records)`` per chunk, ``("error", index,
+    number, (message, traceback))`` for a failed chunk (the worker then stops) and ``("init_error",
+    index, None, (message, traceback))`` when the models cannot be restored. Ctrl-C is left to the
+    parent, which terminates the workers; a worker whose parent is gone exits.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        tune_malloc_for_inference()
+        torch.set_num_threads(threads)
+        job, proposer, segmenter = pickle.loads(payload)
+    except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises
+        results.put(("init_error", index, None, (f"{type(err).__name__}: {err}", "".join(traceback.format_exception(err)))))
+        return
+    del payload
+    while True:
+        try:
+            task = tasks.get(timeout=_WORKER_POLL_SECONDS)
+        except queue.Empty:
+            if os.getppid() != parent_pid:
+                return
+            continue
+        if task is None:
+            return
+        number, chunk = task
+        try:
+            records = job.run(chunk, proposer, segmenter)
+        except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises
+            results.put(("error", index, number, _worker_error(err, chunk)))
+            return
+        results.put(("ok", index, number, records))
+
+
+def _run_in_workers(
+    chunks: Sequence[Sequence[tuple[str, str]]],
+    job: _ChunkJob,
+    proposer: BoxProposer,
+    segmenter: PromptableSegmenter,
+    workers: int,
+    threads: int,
+    consume: Callable[[list[dict]], None],
+) -> None:
+    """Compute ``chunks`` in ``workers`` spawned processes; ``consume`` (in this process) gets each
+    chunk's records as it finishes. A worker's error is raised here as a RuntimeError naming the
+    case ids; on any error or interrupt the workers are terminated and joined (no orphans)."""
+    try:
+        payload = pickle.dumps((job, proposer, segmenter), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as err:
+        raise ValueError(
+            f"APPG with workers={workers} sends the proposer ({type(proposer).__name__}) and segmenter "
+            f"({type(segmenter).__name__}) to worker processes, but they do not pickle ({type(err).__name__}: {err}); "
+            "use workers=1"
+        ) from err
+    context = multiprocessing.get_context("spawn")  # fork after torch's thread pool has run can hang
+    tasks, results = context.Queue(), context.Queue()
+    for number, chunk in enumerate(chunks):
+        tasks.put((number, list(chunk)))
+    for _ in range(workers):
+        tasks.put(None)
+    package = Path(__file__).resolve().parents[1]
+    processes = [
+        context.Process(
+            target=exec,
+            args=(
+                _WORKER_BOOTSTRAP,
+                {
+                    "__name__": "__appg_worker__",
+                    "PACKAGE_DIR": str(package),
+                    "WORKER_ARGS": (i, payload, threads, tasks, results, os.getpid()),
+                },
+            ),
+            name=f"appg-worker-{i}",
+            daemon=True,
+        )
+        for i in range(workers)
+    ]
+    del payload
+    finished = False
+    try:
+        for process in processes:
+            process.start()
+        remaining = len(chunks)
+        while remaining:
+            try:
+                kind, index, _, content = results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p for p in processes if p.exitcode not in (None, 0)]
+                if dead or all(p.exitcode == 0 for p in processes):
+                    codes = ", ".join(f"{p.name} exit code {p.exitcode}" for p in processes)
+                    raise RuntimeError(f"APPG worker process ended without finishing its images ({codes})") from None
+                continue
+            if kind == "ok":
+                consume(content)
+                remaining -= 1
+            elif kind == "init_error":
+                message, trace = content
+                raise RuntimeError(f"APPG worker {index} could not restore the proposer and segmenter: {message}") from RuntimeError(trace)
+            else:
+                message, trace = content
+                raise RuntimeError(message) from RuntimeError(f"worker {index} traceback:\n{trace}")
+        finished = True
+    finally:
+        for process in processes:
+            if process.pid is None:
+                continue
+            if not finished and process.is_alive():
+                process.terminate()
+            process.join(timeout=30.0)
+            if process.is_alive():  # pragma: no cover - a worker stuck in a system call
+                process.kill()
+                process.join()
+        for q in (tasks, results):
+            q.close()
+            q.cancel_join_thread()
+
+
 def run_appg(
     images: Sequence[Mapping[str, Any]],
     out_dir: str | Path,
@@ -452,6 +672,8 @@ def run_appg(
     encoder_batch_size: int = 8,
     progress: bool = True,
     rerank: Mapping[str, float] | None = None,
+    workers: int = 1,
+    threads_per_worker: int | None = None,
 ) -> Path:
     """Make APPG pseudo-labels for ``images`` into ``out_dir``; returns the manifest path (see the module docstring).
 
@@ -476,11 +698,20 @@ def run_appg(
         rerank: weights of the ``"rerank"`` policy (:func:`rerank_score`; missing keys take
             :data:`DEFAULT_RERANK`; :data:`OPTIONAL_RERANK` keys are off unless given); part of the
             config hash when that policy is used.
+        workers: processes that compute the images (1: this process; more: that many spawned
+            worker processes, each with a pickled copy of ``proposer`` and ``segmenter``, which
+            must therefore pickle). Not part of the config hash: the outputs are the same.
+        threads_per_worker: torch CPU threads of each worker process (default: this process's
+            ``torch.get_num_threads()`` divided by ``workers``, at least 1); unused with 1 worker.
     """
     if candidate_policy not in CANDIDATE_POLICIES:
         raise ValueError(f"candidate_policy must be one of {CANDIDATE_POLICIES}, got {candidate_policy!r}")
     if top_k < 1 or encoder_batch_size < 1:
         raise ValueError(f"top_k and encoder_batch_size must be >= 1, got {top_k} and {encoder_batch_size}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    if threads_per_worker is not None and (isinstance(threads_per_worker, bool) or not isinstance(threads_per_worker, int) or threads_per_worker < 1):
+        raise ValueError(f"threads_per_worker must be None or an int >= 1, got {threads_per_worker!r}")
     if not 0.0 <= min_foreground < 1.0:
         raise ValueError(f"min_foreground (δ) must lie in [0, 1), got {min_foreground}")
     if not prompts:
@@ -524,19 +755,30 @@ def run_appg(
             logger.info("APPG resumes in %s: %d of %d images already done", out_dir, len(entries) - len(todo), len(entries))
 
         start = time.perf_counter()
+        job = _ChunkJob(out_dir, list(prompts), top_k, candidate_policy, min_foreground, settings.get("rerank"))
+        used_workers = 1
         with open(out_dir / JOURNAL_NAME, "a", encoding="utf-8") as journal, tqdm(
             total=len(entries), initial=len(entries) - len(todo), desc="APPG", unit="img", disable=not progress
         ) as bar:
-            for first in range(0, len(todo), encoder_batch_size):
-                chunk = todo[first : first + encoder_batch_size]
-                for record in _process_chunk(
-                    chunk, out_dir, proposer, segmenter, prompts, top_k, candidate_policy, min_foreground, settings.get("rerank")
-                ):
+
+            def journalled(records: list[dict]) -> None:
+                for record in records:
                     journal.write(json.dumps(record) + "\n")
                     journal.flush()
                     os.fsync(journal.fileno())
                     done[record["case_id"]] = record
                     bar.update(1)
+
+            if workers > 1 and len(todo) > 1:
+                # chunks small enough that every worker gets several (the last ones do not idle long)
+                size = max(1, min(encoder_batch_size, len(todo) // (4 * workers)))
+                chunks = [todo[first : first + size] for first in range(0, len(todo), size)]
+                used_workers = min(workers, len(chunks))
+                threads = threads_per_worker or max(1, torch.get_num_threads() // used_workers)
+                _run_in_workers(chunks, job, proposer, segmenter, used_workers, threads, journalled)
+            else:
+                for first in range(0, len(todo), encoder_batch_size):
+                    journalled(job.run(todo[first : first + encoder_batch_size], proposer, segmenter))
         wall = time.perf_counter() - start
 
         records = [done[case_id] for case_id, _ in entries]
@@ -551,10 +793,14 @@ def run_appg(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "counts": _counts(records),
             "timing": {
+                # per-image compute seconds (in whichever process made the image): images/s of one process
                 "image_seconds": image_seconds,
                 "images_per_second": len(records) / image_seconds if image_seconds > 0 else None,
                 "computed_this_run": len(todo),
+                # wall clock of this run's compute loop (worker start-up included): its throughput
                 "wall_seconds_this_run": wall,
+                "wall_images_per_second_this_run": len(todo) / wall if todo and wall > 0 else None,
+                "workers_this_run": used_workers,
             },
             "images": records,
         }
@@ -578,6 +824,8 @@ def _mean_std(records: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     """Mean and population std of Dice and IoU over ``records`` (None when there are none)."""
     if not records:
         return None
+    from monai_ssl.evaluation import summarize
+
     metrics = summarize(records)["metrics"]
     return {"n": len(records), **{k: {"mean": metrics[k]["mean"], "std": metrics[k]["std"]} for k in ("dice", "iou")}}
 
@@ -598,6 +846,8 @@ def appg_report(
     returned dict) and ``overlays/<case_id>.png`` for the first ``overlay_count`` images (truth
     green, pseudo-label red).
     """
+    from monai_ssl.evaluation import case_metrics, save_overlay, write_report
+
     manifest_path = Path(manifest_path)
     manifest = _load_complete_manifest(manifest_path)
     records = manifest["images"]

@@ -1,0 +1,180 @@
+"""APPG with worker processes: the same records and masks as in-process, resume, error propagation
+with the case id and no processes left behind; the exact-output speed-ups of LiteMedSAM (ConvGELU,
+the contiguous mask decoder, pickling) against the original computations."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import pickle
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from monai_ssl.data.datalist import load_datalist
+from monai_ssl.data.synthetic import synthetic_dataset
+from monai_ssl.foundation.appearance import AppearanceBoxProposer
+from monai_ssl.foundation.litemedsam import BoxSegmentation, ConvGELU
+from monai_ssl.pseudo.appg import default_workers, run_appg, tune_malloc_for_inference
+
+
+class BoxFillSegmenter:
+    """Fills each box; predicted IoU from the box's area (a cheap stand-in that still varies)."""
+
+    def segment_batch(self, images: Sequence[np.ndarray], boxes: Sequence) -> list[BoxSegmentation]:
+        results = []
+        for image, box_set in zip(images, boxes):
+            box_arr = np.asarray(box_set, dtype=int).reshape(-1, 4)
+            masks = np.zeros((len(box_arr), *image.shape[:2]), dtype=bool)
+            for mask, (x0, y0, x1, y1) in zip(masks, box_arr):
+                mask[y0 : y1 + 1, x0 : x1 + 1] = True
+            iou = np.array([0.3 + 0.5 * m.mean() for m in masks], dtype=np.float32)
+            results.append(BoxSegmentation(masks, iou))
+        return results
+
+
+class FailingSegmenter(BoxFillSegmenter):
+    """Raises on images whose top-left pixel is 0 (the blank test image is not)."""
+
+    def segment_batch(self, images: Sequence[np.ndarray], boxes: Sequence) -> list[BoxSegmentation]:
+        if any(int(np.asarray(image)[0, 0]) == 7 for image in images):
+            raise ValueError("this image is cursed")
+        return super().segment_batch(images, boxes)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """10 synthetic unlabelled ultrasound-like images and a constant one (no box)."""
+    root = tmp_path_factory.mktemp("data")
+    dataset = Path(synthetic_dataset("us2d", root=root, n_labeled=1, n_unlabeled=10, n_validation=1, n_test=1, size=96))
+    entries = load_datalist(dataset / "datalist.json", dataset, "unlabeled")
+    blank = dataset / "images" / "blank.png"
+    Image.fromarray(np.full((80, 90), 120, dtype=np.uint8)).save(blank)
+    return entries + [{"image": str(blank), "case_id": "blank"}]
+
+
+def _run(images: list[dict], out: Path, segmenter=None, **kwargs) -> dict:
+    path = run_appg(
+        images, out, AppearanceBoxProposer(), segmenter or BoxFillSegmenter(), top_k=3, overlay_count=0,
+        encoder_batch_size=2, progress=False, config={"proposer": "appearance", "segmenter": "boxfill"}, **kwargs,
+    )
+    return json.loads(path.read_text())
+
+
+def _without_seconds(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def _masks(out: Path, manifest: dict) -> dict[str, bytes]:
+    return {r["case_id"]: (out / r["mask"]).read_bytes() for r in manifest["images"]}
+
+
+def test_workers_give_the_same_manifest_and_masks_and_resume(images, tmp_path) -> None:
+    one = _run(images, tmp_path / "one")
+    two = _run(images, tmp_path / "two", workers=2, threads_per_worker=1)
+    assert multiprocessing.active_children() == []
+    assert two["config_hash"] == one["config_hash"]  # workers is not a setting of the results
+    assert _without_seconds(two["images"]) == _without_seconds(one["images"])
+    assert _masks(tmp_path / "two", two) == _masks(tmp_path / "one", one)
+    assert two["counts"] == one["counts"] and one["counts"]["invalid"]["no_box"] == 1
+    assert one["timing"]["workers_this_run"] == 1 and two["timing"]["workers_this_run"] == 2
+    assert two["timing"]["wall_images_per_second_this_run"] > 0
+    journal = (tmp_path / "two" / "journal.jsonl").read_text().splitlines()
+    assert len(journal) == 1 + len(images)  # the parent journalled every image once
+
+    # a run killed after 4 images (the 5th journal line half written) resumes with workers
+    out = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "one", out)
+    (out / "manifest.json").unlink()
+    lines = (out / "journal.jsonl").read_text().splitlines()
+    (out / "journal.jsonl").write_text("\n".join(lines[:5]) + "\n" + lines[5][: len(lines[5]) // 2])
+    resumed = _run(images, out, workers=2, threads_per_worker=1)
+    assert resumed["timing"]["computed_this_run"] == len(images) - 4
+    assert _without_seconds(resumed["images"]) == _without_seconds(one["images"])
+    assert _masks(out, resumed) == _masks(tmp_path / "one", one)
+    # complete with the same settings: nothing to do, whatever the workers
+    mtime = (out / "manifest.json").stat().st_mtime_ns
+    _run(images, out, workers=3)
+    assert (out / "manifest.json").stat().st_mtime_ns == mtime
+
+
+def test_worker_errors_name_the_case_and_leave_no_process(images, tmp_path) -> None:
+    cursed = images[3]
+    array = np.array(Image.open(cursed["image"]).convert("L"))
+    array[0, 0] = 7
+    bad = tmp_path / "cursed.png"
+    Image.fromarray(array).save(bad)
+    entries = images[:3] + [{"image": str(bad), "case_id": "cursed"}] + images[4:8]
+    with pytest.raises(RuntimeError, match="APPG case .*cursed.*ValueError: this image is cursed"):
+        _run(entries, tmp_path / "out", segmenter=FailingSegmenter(), workers=2, threads_per_worker=1)
+    assert multiprocessing.active_children() == []
+    # what finished before the error is journalled: a rerun without the bad image reuses it
+    header, *records = (tmp_path / "out" / "journal.jsonl").read_text().splitlines()
+    assert "cursed" not in {json.loads(r)["case_id"] for r in records}
+
+    missing = [{"image": str(tmp_path / "nope.png"), "case_id": "nope"}] + images[:3]
+    with pytest.raises(RuntimeError, match="APPG case nope: cannot read image"):
+        _run(missing, tmp_path / "missing", workers=2, threads_per_worker=1)
+    assert multiprocessing.active_children() == []
+
+
+def test_workers_are_checked_and_unpicklable_models_are_refused(images, tmp_path) -> None:
+    with pytest.raises(ValueError, match="workers must be an int >= 1"):
+        _run(images[:2], tmp_path / "a", workers=0)
+    with pytest.raises(ValueError, match="threads_per_worker"):
+        _run(images[:2], tmp_path / "b", workers=2, threads_per_worker=0)
+
+    class LocalSegmenter(BoxFillSegmenter):  # a local class does not pickle
+        pass
+
+    with pytest.raises(ValueError, match="do not pickle"):
+        _run(images[:4], tmp_path / "c", segmenter=LocalSegmenter(), workers=2)
+    assert isinstance(tune_malloc_for_inference(), bool)
+    assert default_workers("cuda") == 1 and default_workers("cpu") == min(4, os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("groups, kernel", [(1, 1), (32, 3)])
+def test_conv_gelu_matches_conv_then_gelu(groups: int, kernel: int) -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 32, kernel, padding=kernel // 2, groups=groups).eval()
+    x = torch.randn(2, 32, 20, 24).contiguous(memory_format=torch.channels_last)
+    fused = ConvGELU(conv).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), torch.nn.functional.gelu(conv(x)), atol=1e-5, rtol=1e-5)
+        bf16 = ConvGELU(torch.nn.Conv2d(32, 32, 1).to(torch.bfloat16))
+        y = x.to(torch.bfloat16)
+        reference = torch.nn.functional.gelu(bf16.conv(y).float())
+        assert (bf16(y).float() - reference).abs().max() <= 0.02 * reference.abs().max()
+
+
+def test_litemedsam_decoder_and_pickling_match_the_original() -> None:
+    from monai_ssl.foundation.litemedsam import LiteMedSAMPredictor, decode_masks
+
+    predictor = LiteMedSAMPredictor()
+    model = predictor.model
+    torch.manual_seed(0)
+    embedding = torch.randn(1, 256, 64, 64)
+    boxes = torch.tensor([[[10.0, 20.0, 100.0, 120.0]], [[50.0, 60.0, 150.0, 200.0]]])
+    with torch.no_grad():
+        sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
+        for multimask in (False, True):
+            expected = model.mask_decoder(
+                image_embeddings=embedding, image_pe=model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
+            )
+            got = decode_masks(model.mask_decoder, embedding, predictor._dense_pe(), sparse, dense, multimask)
+            torch.testing.assert_close(got[0], expected[0], atol=2e-4, rtol=1e-4)
+            torch.testing.assert_close(got[1], expected[1], atol=1e-5, rtol=1e-5)
+
+    image = np.zeros((90, 110), dtype=np.uint8)
+    image[30:60, 40:80] = 200
+    box = np.array([[38, 28, 82, 62]], dtype=np.float32)
+    copy = pickle.loads(pickle.dumps(predictor))
+    a, b = predictor.segment(image, box), copy.segment(image, box)
+    assert np.array_equal(a.masks, b.masks) and np.array_equal(a.iou, b.iou)
