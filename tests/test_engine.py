@@ -69,6 +69,32 @@ def test_ema_update_matches_formula_and_moves_toward_student() -> None:
     assert EMATeacher(tiny_net(), tiny_net(), decay=0.99).alpha(1) == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("joint_batch", [True, False])
+def test_mean_teacher_joint_batch_decides_whose_batch_statistics_normalise_the_labelled_half(joint_batch: bool) -> None:
+    """joint_batch=True: one student forward over cat([x_l, x_u]) (BatchNorm statistics shared, as the
+    reference code); False: the labelled prediction is the student's on x_l alone."""
+
+    class Engine:
+        def __init__(self, network: torch.nn.Module) -> None:
+            self.network = network
+            self.state = type("State", (), {"iteration": 1})()
+
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2)).train()
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2)).eval()
+    x_l, x_u = torch.rand(2, 1, 4, 4), torch.rand(2, 1, 4, 4) * 5.0 + 3.0  # very different statistics
+    objective = MeanTeacherObjective(lambda p, y: p.mean(), teacher, consistency_weight=0.1, noise_std=0.0, joint_batch=joint_batch)
+    out = objective(Engine(student), {"image": x_l, "label": torch.zeros(2, 1, 4, 4)}, {"image": x_u})
+    alone = student(x_l)
+    joint = student(torch.cat([x_l, x_u]))[:2]
+    expected, other = (joint, alone) if joint_batch else (alone, joint)
+    torch.testing.assert_close(out["pred"], expected)
+    assert not torch.allclose(out["pred"], other, atol=1e-3)
+    target = torch.sigmoid(teacher(x_u))
+    student_u = student(torch.cat([x_l, x_u]))[2:] if joint_batch else student(x_u)
+    torch.testing.assert_close(out["loss_cons"], 0.1 * torch.mean((torch.sigmoid(student_u) - target) ** 2))
+
+
 def test_trainer_fires_all_events_and_reports_terms() -> None:
     trainer, net, teacher, _ = make_trainer(max_epochs=1)
     fired: list[str] = []

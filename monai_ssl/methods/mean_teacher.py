@@ -16,8 +16,9 @@ __all__ = ["MeanTeacherObjective"]
 class MeanTeacherObjective:
     """Supervised loss on the labelled half plus a ramped consistency loss on the unlabelled half.
 
-    The student sees the labelled and unlabelled images in one joint batch (shared BatchNorm
-    statistics, as the reference code). The teacher (an EMA of the student, updated by
+    By default the student sees the labelled and unlabelled images in one joint batch (shared
+    BatchNorm statistics, as the reference code); ``joint_batch=False`` runs two student forwards
+    instead, so that each half is normalised with its own batch statistics. The teacher (an EMA of the student, updated by
     :class:`monai_ssl.handlers.EMATeacher`) sees the unlabelled images with small Gaussian noise;
     the consistency term is the mean squared difference of the two sigmoid probability maps::
 
@@ -29,6 +30,7 @@ class MeanTeacherObjective:
         teacher: the EMA teacher network (no gradients).
         consistency_weight: ``w(t)`` as a :class:`RampUp` called with the global iteration, or a constant.
         noise_std: standard deviation ``s`` of the teacher's input noise (0 disables it).
+        joint_batch: one student forward over ``cat([x_l, x_u])`` (True) or one per half (False).
     """
 
     def __init__(
@@ -37,11 +39,13 @@ class MeanTeacherObjective:
         teacher: nn.Module,
         consistency_weight: RampUp | float = 0.1,
         noise_std: float = 0.1,
+        joint_batch: bool = True,
     ) -> None:
         self.loss_function = loss_function
         self.teacher = teacher
         self.consistency_weight = consistency_weight if callable(consistency_weight) else RampUp(float(consistency_weight))
         self.noise_std = noise_std
+        self.joint_batch = joint_batch
 
     def __call__(self, engine, labeled: dict[str, torch.Tensor], unlabeled: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         x_l, y_l = labeled[Keys.IMAGE], labeled[Keys.LABEL]
@@ -49,8 +53,11 @@ class MeanTeacherObjective:
             pred = engine.network(x_l)
             return {Keys.PRED: pred, "loss_sup": self.loss_function(pred, y_l)}
         x_u = unlabeled[Keys.IMAGE]
-        logits = engine.network(torch.cat([x_l, x_u], dim=0))
-        pred, logits_u = logits[: x_l.shape[0]], logits[x_l.shape[0] :]
+        if self.joint_batch:
+            logits = engine.network(torch.cat([x_l, x_u], dim=0))
+            pred, logits_u = logits[: x_l.shape[0]], logits[x_l.shape[0] :]
+        else:
+            pred, logits_u = engine.network(x_l), engine.network(x_u)
         with torch.no_grad():
             noisy = x_u
             if self.noise_std > 0:
