@@ -4,7 +4,8 @@
 For each datalist (default: BUSI 2.5 % and 10 % labels), under one iteration budget, image size,
 learning rate and seed, this trains and evaluates (test split, model selected on validation):
 
-* ``supervised`` and ``mean_teacher`` (their bundles);
+* ``supervised`` and ``mean_teacher`` (their bundles); ``mean_teacher_split``: the mean teacher
+  with one student forward per half (``joint_batch=false``) instead of the joint batch;
 * ``static_teacher``: the APPG-trained static teacher alone (0 labels; the STWP artifact);
 * ``appg``: the student initialised from the static teacher and trained with it as the only
   teacher (``use_dynamic_teacher=false, use_uewf=false, use_aurcl=false``);
@@ -45,6 +46,7 @@ from monai_ssl.utils import atomic_write  # noqa: E402
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "supervised": ("supervised", {}),
     "mean_teacher": ("mean_teacher", {}),
+    "mean_teacher_split": ("mean_teacher", {"joint_batch": False}),
     "static_teacher": ("dual_teacher", {}),
     "appg": ("dual_teacher", {"use_dynamic_teacher": False, "use_uewf": False, "use_aurcl": False}),
     "+dual_teacher": ("dual_teacher", {"use_uewf": False, "use_aurcl": False}),
@@ -93,17 +95,19 @@ def run_worker(row: str, datalist: Path, args: argparse.Namespace) -> dict[str, 
         train["consistency_rampup"] = int(0.4 * args.iterations)
     if bundle == "dual_teacher":
         train.update(
-            appg_dir=str(shared / "appg"),
+            appg_dir=str(Path(args.appg_dir) if args.appg_dir else shared / "appg"),
             appg_precision=args.appg_precision,
             static_teacher_path=str(shared / f"static_teacher_{tag}.pt"),
             stwp_dir=str(shared / "stwp"),
             stwp_max_epochs=1,
             stwp_epoch_length=args.stwp_iterations,
             stwp_learning_rate=args.lr,
-            **extra,
         )
-    results: dict[str, Any] = {"row": row, "bundle": bundle, "overrides": extra, "datalist": str(datalist.resolve())}
+    train.update(extra)
+    train.update(args.set)
+    results: dict[str, Any] = {"row": row, "bundle": bundle, "overrides": {**extra, **args.set}, "datalist": str(datalist.resolve())}
     results["settings"] = {k: getattr(args, k) for k in ("dataset_dir", "size", "iterations", "val_every", "stwp_iterations", "lr", "seed", "threads")}
+    results["settings"]["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     wf = _workflow(bundle, ["train.json"], **train)
     wf.initialize()
     step_times: list[float] = []
@@ -117,9 +121,10 @@ def run_worker(row: str, datalist: Path, args: argparse.Namespace) -> dict[str, 
         results.update(stwp_iterations=stwp.get("iterations"), stwp_seconds=stwp.get("seconds_this_run"))
         from monai_ssl.pseudo.appg import store_lock
 
-        with store_lock(shared / "appg"):  # the store's report for this datalist, not a concurrent run's
+        appg_dir = Path(train["appg_dir"])
+        with store_lock(appg_dir):  # the store's report for this datalist, not a concurrent run's
             wf.parser.get_parsed_content("appg").run()  # returns at once when the manifest is this list's
-            appg = json.loads((shared / "appg" / "report" / "appg_report.json").read_text())
+            appg = json.loads((appg_dir / "report" / "appg_report.json").read_text())
         results["appg"] = {k: appg.get(k) for k in ("counts", "truth", "images_per_second")}
     else:
         wf.trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: started.append(time.perf_counter()))
@@ -157,7 +162,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"{Path(args.dataset_dir).name}, {args.size}x{args.size}, {args.iterations} iterations (validation every {args.val_every}), "
         f"static-teacher warm-up {args.stwp_iterations} iterations, Adam lr {args.lr}, seed {args.seed}, "
-        f"{args.threads} thread(s); test split, model chosen on validation Dice",
+        f"{args.threads} thread(s), {getattr(args, 'device', 'cpu')}; test split, model chosen on validation Dice",
     ]
     for datalist in sorted({r["datalist"] for r in results}):
         rows = [r for r in results if r["datalist"] == datalist]
@@ -200,6 +205,31 @@ def write_tables(out: Path, args: argparse.Namespace) -> str:
     return text
 
 
+def seeds_summary(outs: list[Path]) -> str:
+    """Mean ± std over runs (e.g. seeds, one ``--out`` folder each) of each row's test Dice and
+    IoU, per datalist, with the per-run Dice in brackets."""
+    import numpy as np
+
+    results = [json.loads(p.read_text()) for out in outs for p in sorted(Path(out).glob("*/*/result.json"))]
+    if not results:
+        raise SystemExit(f"no */*/result.json under {', '.join(map(str, outs))}")
+    ignored = ("seed", "threads", "device")
+    settings = {json.dumps({k: v for k, v in r.get("settings", {}).items() if k not in ignored}, sort_keys=True) for r in results}
+    lines = [f"settings (seeds aside): {s}" for s in sorted(settings)]
+    if len(settings) > 1:
+        lines.insert(0, "WARNING: the runs differ in more than the seed; the rows below mix these settings:")
+    for datalist in sorted({Path(r["datalist"]).name for r in results}):
+        rows = [r for r in results if Path(r["datalist"]).name == datalist]
+        lines += ["", f"**{datalist}**", "", "| method | runs | test Dice (mean ± std over runs) | per run | test IoU |", "|---|---|---|---|---|"]
+        for row in [name for name in ROWS if any(r["row"] == name for r in rows)]:
+            picked = sorted((r for r in rows if r["row"] == row), key=lambda r: r.get("settings", {}).get("seed", 0))
+            dice = np.array([r["test"]["metrics"]["dice"]["mean"] for r in picked])
+            iou = np.array([r["test"]["metrics"]["iou"]["mean"] for r in picked])
+            per_run = ", ".join(f"{d:.3f}" for d in dice)
+            lines.append(f"| {row} | {len(picked)} | {dice.mean():.3f} ± {dice.std():.3f} | {per_run} | {iou.mean():.3f} ± {iou.std():.3f} |")
+    return "\n".join(lines).strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every (datalist, row) in a fresh process, then write the tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -216,9 +246,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "benchmark_dual_teacher"))
+    parser.add_argument("--appg-dir", help="APPG pseudo-label store (default: <out>/shared/appg); runs with other "
+                        "seeds can share one, it is locked while in use")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=JSON",
+                        help="extra train.json overrides for every row, e.g. consistency_weight=0 joint_batch=false")
+    parser.add_argument("--seeds-summary", nargs="+", type=Path, metavar="OUT",
+                        help="print mean ± std over these --out folders (one per seed) of each row, then exit")
     parser.add_argument("--tables-only", action="store_true", help="rebuild results.md/json from the rows on disk and exit")
     parser.add_argument("--worker", nargs=2, metavar=("ROW", "DATALIST"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    try:
+        args.set = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
+    except ValueError as err:
+        parser.error(f"--set takes KEY=JSON items (e.g. consistency_weight=0): {err}")
     if args.iterations % args.val_every:
         parser.error("--iterations must be a multiple of --val-every")
     out = Path(args.out)
@@ -227,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         result = run_worker(row, Path(datalist), args)
         target = out / Path(datalist).stem / row.lstrip("+") / "result.json"
         target.write_text(json.dumps(result, indent=2))
+        return 0
+    if args.seeds_summary:
+        print(seeds_summary(args.seeds_summary))
         return 0
     if args.tables_only:
         print(write_tables(out, args))
