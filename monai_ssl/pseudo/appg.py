@@ -548,6 +548,8 @@ def _worker_main(
     parent, which terminates the workers; a worker whose parent is gone exits.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the parent loaded these models already and said once how (e.g. the timm stand-in warning)
+    logging.getLogger("monai_ssl.foundation").setLevel(logging.ERROR)
     try:
         tune_malloc_for_inference()
         torch.set_num_threads(threads)
