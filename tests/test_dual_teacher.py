@@ -229,6 +229,23 @@ def test_objective_switches(nets, batch) -> None:
     make_objective(nets, use_aurcl=False)(SimpleNamespace(network=_NoFeatures()), *batch)
 
 
+def test_objective_one_forward_per_half_when_joint_batch_is_off(nets, batch) -> None:
+    """joint_batch=False: pred = S(x_l) alone; L_unsup and L_con from S(x_u) alone."""
+    engine = SimpleNamespace(network=nets["student"].train())
+    x_l, x_u = batch[0]["image"], batch[1]["image"]
+    objective = make_objective(nets, patch_size=8, joint_batch=False)
+    with torch.no_grad():
+        out = objective(engine, *batch)
+        alone_l = nets["student"](x_l)
+        logits_u, features_u = nets["student"].forward_features(x_u)
+        target = objective.pseudo_label(x_u)
+        torch.testing.assert_close(out["pred"], alone_l)
+        assert not torch.allclose(out["pred"], make_objective(nets, patch_size=8)(engine, *batch)["pred"])  # BN sees the halves apart
+        assert out["loss_unsup"].item() == pytest.approx(SoftBCEDiceLoss()(logits_u, target).item(), rel=1e-5)
+        expected_con = 0.5 * objective.contrastive(torch.sigmoid(logits_u.float()), features_u)
+        assert out["loss_con"].item() == pytest.approx(expected_con.item(), rel=1e-5)
+
+
 def _student_u(nets, batch) -> torch.Tensor:
     """The student's unlabelled logits from the joint batch (BatchNorm in train mode sees both halves)."""
     joint = torch.cat([batch[0]["image"], batch[1]["image"]])

@@ -84,6 +84,9 @@ class DualTeacherObjective:
         unsup_loss_function: loss of the student's unlabelled logits against ``y_hat``; default
             :class:`SoftBCEDiceLoss`.
         eps: the UEWF constant of Eq.7 and Eq.9.
+        joint_batch: one student forward over ``cat([x_l, x_u])`` (shared BatchNorm statistics,
+            the default) or one forward per half (each half normalised with its own statistics;
+            on BUSI this was worth ~9 Dice points to the mean-teacher baseline).
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class DualTeacherObjective:
         hard_pseudo_labels: bool = False,
         unsup_loss_function: LossFn | None = None,
         eps: float = 1e-8,
+        joint_batch: bool = True,
     ) -> None:
         if use_static_teacher and static_teacher is None:
             raise ValueError("use_static_teacher=True needs a static_teacher network")
@@ -126,6 +130,7 @@ class DualTeacherObjective:
         self.use_aurcl = use_aurcl
         self.hard_pseudo_labels = hard_pseudo_labels
         self.eps = eps
+        self.joint_batch = joint_batch
         self.unsup_loss_function = unsup_loss_function if unsup_loss_function is not None else SoftBCEDiceLoss()
         self.contrastive = AURCLoss(patch_size, reverse_ratio, tau_min, temperature, dynamic_threshold)
 
@@ -153,22 +158,27 @@ class DualTeacherObjective:
             return {Keys.PRED: pred, "loss_sup": self.loss_function(pred, y_l)}
         x_u = unlabeled[Keys.IMAGE]
         n_l = x_l.shape[0]
-        joint = torch.cat([x_l, x_u], dim=0)
-        if self.use_aurcl:
-            logits, features = _forward_features(engine.network, joint)
+        if self.joint_batch:
+            logits, features = self._student(engine.network, torch.cat([x_l, x_u], dim=0))
+            pred, logits_u = logits[:n_l], logits[n_l:]
+            features_u = features[n_l:] if features is not None else None
         else:
-            logits, features = engine.network(joint), None
-        pred, logits_u = logits[:n_l], logits[n_l:]
+            pred = engine.network(x_l)
+            logits_u, features_u = self._student(engine.network, x_u)
         target = self.pseudo_label(x_u)
         out = {
             Keys.PRED: pred,
             "loss_sup": self.loss_function(pred, y_l),
             "loss_unsup": self.lambda_u * self.unsup_loss_function(logits_u, target),
         }
-        if features is not None:
+        if features_u is not None:
             prob_u = torch.sigmoid(logits_u.float())
-            out["loss_con"] = self.lambda_c * self.contrastive(prob_u, features[n_l:])
+            out["loss_con"] = self.lambda_c * self.contrastive(prob_u, features_u)
         return out
+
+    def _student(self, network: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The student's ``(logits, features)`` on ``x``; features only when AURCL needs them."""
+        return _forward_features(network, x) if self.use_aurcl else (network(x), None)
 
 
 def _forward_features(network: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
