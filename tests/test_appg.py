@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from appg_fakes import BoxFillSegmenter
 from monai_ssl.data.datalist import load_datalist
 from monai_ssl.data.synthetic import synthetic_dataset
 from monai_ssl.foundation.appearance import AppearanceBoxProposer, box_iou
@@ -43,20 +44,6 @@ class CountingSegmenter:
     def segment_batch(self, images: Sequence[np.ndarray], boxes: Sequence) -> list[BoxSegmentation]:
         self.images += len(images)
         return self.inner.segment_batch(images, boxes)
-
-
-class BoxFillSegmenter:
-    """Fills each box; predicted IoU 0.5: a cheap stand-in to test bookkeeping."""
-
-    def segment_batch(self, images: Sequence[np.ndarray], boxes: Sequence) -> list[BoxSegmentation]:
-        results = []
-        for image, box_set in zip(images, boxes):
-            box_arr = np.asarray(box_set, dtype=int).reshape(-1, 4)
-            masks = np.zeros((len(box_arr), *image.shape[:2]), dtype=bool)
-            for mask, (x0, y0, x1, y1) in zip(masks, box_arr):
-                mask[y0 : y1 + 1, x0 : x1 + 1] = True
-            results.append(BoxSegmentation(masks, np.full(len(box_arr), 0.5, dtype=np.float32)))
-        return results
 
 
 @pytest.fixture(scope="module")

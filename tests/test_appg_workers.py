@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from appg_fakes import BoxFillSegmenter
 from monai_ssl.data.datalist import load_datalist
 from monai_ssl.data.synthetic import synthetic_dataset
 from monai_ssl.foundation.appearance import AppearanceBoxProposer
@@ -24,23 +25,8 @@ from monai_ssl.foundation.litemedsam import BoxSegmentation, ConvGELU
 from monai_ssl.pseudo.appg import default_workers, run_appg, tune_malloc_for_inference
 
 
-class BoxFillSegmenter:
-    """Fills each box; predicted IoU from the box's area (a cheap stand-in that still varies)."""
-
-    def segment_batch(self, images: Sequence[np.ndarray], boxes: Sequence) -> list[BoxSegmentation]:
-        results = []
-        for image, box_set in zip(images, boxes):
-            box_arr = np.asarray(box_set, dtype=int).reshape(-1, 4)
-            masks = np.zeros((len(box_arr), *image.shape[:2]), dtype=bool)
-            for mask, (x0, y0, x1, y1) in zip(masks, box_arr):
-                mask[y0 : y1 + 1, x0 : x1 + 1] = True
-            iou = np.array([0.3 + 0.5 * m.mean() for m in masks], dtype=np.float32)
-            results.append(BoxSegmentation(masks, iou))
-        return results
-
-
 class FailingSegmenter(BoxFillSegmenter):
-    """Raises on images whose top-left pixel is 0 (the blank test image is not)."""
+    """Raises on images whose top-left pixel is 7 (the test writes one such image)."""
 
     def segment_batch(self, images: Sequence[np.ndarray], boxes: Sequence) -> list[BoxSegmentation]:
         if any(int(np.asarray(image)[0, 0]) == 7 for image in images):
@@ -61,7 +47,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 
 def _run(images: list[dict], out: Path, segmenter=None, **kwargs) -> dict:
     path = run_appg(
-        images, out, AppearanceBoxProposer(), segmenter or BoxFillSegmenter(), top_k=3, overlay_count=0,
+        images, out, AppearanceBoxProposer(), segmenter or BoxFillSegmenter(iou=None), top_k=3, overlay_count=0,
         encoder_batch_size=2, progress=False, config={"proposer": "appearance", "segmenter": "boxfill"}, **kwargs,
     )
     return json.loads(path.read_text())
