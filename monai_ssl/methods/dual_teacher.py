@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from monai_ssl.handlers.teachers import freeze
 from monai_ssl.losses.contrastive import AURCLoss
+from monai_ssl.methods.common import forward_halves
 from monai_ssl.pseudo.fusion import uewf
 
 __all__ = ["DualTeacherObjective", "SoftBCEDiceLoss"]
@@ -157,14 +158,12 @@ class DualTeacherObjective:
             pred = engine.network(x_l)
             return {Keys.PRED: pred, "loss_sup": self.loss_function(pred, y_l)}
         x_u = unlabeled[Keys.IMAGE]
-        n_l = x_l.shape[0]
-        if self.joint_batch:
-            logits, features = self._student(engine.network, torch.cat([x_l, x_u], dim=0))
-            pred, logits_u = logits[:n_l], logits[n_l:]
-            features_u = features[n_l:] if features is not None else None
+        if self.use_aurcl:
+            (pred, _), (logits_u, features_u) = forward_halves(
+                lambda x: _forward_features(engine.network, x), x_l, x_u, self.joint_batch
+            )
         else:
-            pred = engine.network(x_l)
-            logits_u, features_u = self._student(engine.network, x_u)
+            (pred, logits_u), features_u = forward_halves(engine.network, x_l, x_u, self.joint_batch), None
         target = self.pseudo_label(x_u)
         out = {
             Keys.PRED: pred,
@@ -175,10 +174,6 @@ class DualTeacherObjective:
             prob_u = torch.sigmoid(logits_u.float())
             out["loss_con"] = self.lambda_c * self.contrastive(prob_u, features_u)
         return out
-
-    def _student(self, network: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The student's ``(logits, features)`` on ``x``; features only when AURCL needs them."""
-        return _forward_features(network, x) if self.use_aurcl else (network(x), None)
 
 
 def _forward_features(network: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

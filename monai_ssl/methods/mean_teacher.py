@@ -9,6 +9,7 @@ from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
 from monai_ssl.handlers.schedules import RampUp
+from monai_ssl.methods.common import forward_halves
 
 __all__ = ["MeanTeacherObjective"]
 
@@ -53,11 +54,7 @@ class MeanTeacherObjective:
             pred = engine.network(x_l)
             return {Keys.PRED: pred, "loss_sup": self.loss_function(pred, y_l)}
         x_u = unlabeled[Keys.IMAGE]
-        if self.joint_batch:
-            logits = engine.network(torch.cat([x_l, x_u], dim=0))
-            pred, logits_u = logits[: x_l.shape[0]], logits[x_l.shape[0] :]
-        else:
-            pred, logits_u = engine.network(x_l), engine.network(x_u)
+        pred, logits_u = forward_halves(engine.network, x_l, x_u, self.joint_batch)
         with torch.no_grad():
             noisy = x_u
             if self.noise_std > 0:
