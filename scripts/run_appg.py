@@ -197,12 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (1 with a message on a data or model error)."""
     from monai_ssl.data.datalist import DatalistError, load_datalist
     from monai_ssl.foundation.interfaces import bf16_supported
-    from monai_ssl.pseudo.appg import appg_report, run_appg, tune_malloc_for_inference
+    from monai_ssl.pseudo.appg import appg_report, default_workers, run_appg, tune_malloc_for_inference
 
     args = build_parser().parse_args(argv)
     if args.workers is None:
-        from monai_ssl.pseudo.appg import default_workers
-
         args.workers = default_workers()  # this script runs the models on the CPU
     if args.workers < 1 or (args.threads is not None and args.threads < 1):
         print(f"error: --workers and --threads must be >= 1, got {args.workers} and {args.threads}", file=sys.stderr)
@@ -274,10 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         run_note = f"{timing['computed_this_run']} computed in this run, {timing['wall_seconds_this_run']:.1f} s wall"
     workers = timing.get("workers_this_run", 1)
-    if workers > 1:
-        threads = f"{workers} worker processes x {args.threads or max(1, torch.get_num_threads() // workers)} thread(s)"
-    else:
-        threads = f"1 process x {torch.get_num_threads()} thread(s)"
+    per_process = timing.get("threads_per_process_this_run", torch.get_num_threads())
+    threads = f"{workers} worker processes x {per_process} thread(s)" if workers > 1 else f"1 process x {per_process} thread(s)"
     if timing.get("wall_images_per_second_this_run") is not None and run_note.endswith("wall"):
         print(f"  speed (wall): {timing['wall_images_per_second_this_run']:.3f} images/s ({run_note}; {threads})")
     print(

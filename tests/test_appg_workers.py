@@ -70,6 +70,8 @@ def test_workers_give_the_same_manifest_and_masks_and_resume(images, tmp_path) -
     assert _masks(tmp_path / "two", two) == _masks(tmp_path / "one", one)
     assert two["counts"] == one["counts"] and one["counts"]["invalid"]["no_box"] == 1
     assert one["timing"]["workers_this_run"] == 1 and two["timing"]["workers_this_run"] == 2
+    assert one["timing"]["threads_per_process_this_run"] == torch.get_num_threads()
+    assert two["timing"]["threads_per_process_this_run"] == 1
     assert two["timing"]["wall_images_per_second_this_run"] > 0
     journal = (tmp_path / "two" / "journal.jsonl").read_text().splitlines()
     assert len(journal) == 1 + len(images)  # the parent journalled every image once

@@ -446,8 +446,9 @@ class LiteMedSAMPredictor(BoxSegmenterBase):
 
     def _dense_pe(self) -> torch.Tensor:
         """The prompt encoder's dense positional encoding (1, 256, 64, 64), computed once per
-        autocast state (it depends only on fixed buffers)."""
-        key = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+        autocast state of the model's device (it depends only on fixed buffers)."""
+        kind = self.device.type
+        key = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         if key not in self._pe_cache:
             self._pe_cache[key] = self.model.prompt_encoder.get_dense_pe()
         return self._pe_cache[key]

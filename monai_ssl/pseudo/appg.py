@@ -758,7 +758,7 @@ def run_appg(
 
         start = time.perf_counter()
         job = _ChunkJob(out_dir, list(prompts), top_k, candidate_policy, min_foreground, settings.get("rerank"))
-        used_workers = 1
+        used_workers, threads = 1, torch.get_num_threads()
         with open(out_dir / JOURNAL_NAME, "a", encoding="utf-8") as journal, tqdm(
             total=len(entries), initial=len(entries) - len(todo), desc="APPG", unit="img", disable=not progress
         ) as bar:
@@ -803,6 +803,7 @@ def run_appg(
                 "wall_seconds_this_run": wall,
                 "wall_images_per_second_this_run": len(todo) / wall if todo and wall > 0 else None,
                 "workers_this_run": used_workers,
+                "threads_per_process_this_run": threads,
             },
             "images": records,
         }
