@@ -221,12 +221,17 @@ def seeds_summary(outs: list[Path]) -> str:
     for datalist in sorted({Path(r["datalist"]).name for r in results}):
         rows = [r for r in results if Path(r["datalist"]).name == datalist]
         lines += ["", f"**{datalist}**", "", "| method | runs | test Dice (mean ± std over runs) | per run | test IoU |", "|---|---|---|---|---|"]
-        for row in [name for name in ROWS if any(r["row"] == name for r in rows)]:
-            picked = sorted((r for r in rows if r["row"] == row), key=lambda r: r.get("settings", {}).get("seed", 0))
+        groups = {(r["row"], json.dumps(r.get("overrides", {}), sort_keys=True)) for r in rows}  # --set runs apart
+        for row, overrides in sorted(groups, key=lambda g: (list(ROWS).index(g[0]), g[1])):
+            picked = sorted(
+                (r for r in rows if (r["row"], json.dumps(r.get("overrides", {}), sort_keys=True)) == (row, overrides)),
+                key=lambda r: r.get("settings", {}).get("seed", 0),
+            )
+            label = row if json.loads(overrides) == ROWS[row][1] else f"{row} {overrides}"
             dice = np.array([r["test"]["metrics"]["dice"]["mean"] for r in picked])
             iou = np.array([r["test"]["metrics"]["iou"]["mean"] for r in picked])
             per_run = ", ".join(f"{d:.3f}" for d in dice)
-            lines.append(f"| {row} | {len(picked)} | {dice.mean():.3f} ± {dice.std():.3f} | {per_run} | {iou.mean():.3f} ± {iou.std():.3f} |")
+            lines.append(f"| {label} | {len(picked)} | {dice.mean():.3f} ± {dice.std():.3f} | {per_run} | {iou.mean():.3f} ± {iou.std():.3f} |")
     return "\n".join(lines).strip()
 
 
