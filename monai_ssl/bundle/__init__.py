@@ -1,4 +1,5 @@
-"""Building blocks that the bundle configs share (transform chains, paths, loss-term logging)."""
+"""Building blocks that the bundle configs share (transform chains, paths, loss-term logging,
+coercion of command-line settings)."""
 
 from .components import (
     IMAGE_SUFFIXES,
@@ -19,6 +20,7 @@ from .components_3d import (
     unlabeled_transforms_3d,
     validation_transforms_3d,
 )
+from .settings import as_bool, as_float, as_int, as_size, log_settings
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -36,4 +38,9 @@ __all__ = [
     "sliding_window_inferer_3d",
     "unlabeled_transforms_3d",
     "validation_transforms_3d",
+    "as_bool",
+    "as_float",
+    "as_int",
+    "as_size",
+    "log_settings",
 ]
