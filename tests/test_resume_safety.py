@@ -265,3 +265,25 @@ def test_metrics_logger_drops_only_its_own_stage_beyond_the_iteration(tmp_path: 
     assert MetricsLogger(log).drop_lines_after(5) == 3
     assert [json.loads(x) for x in log.read_text().splitlines()] == records[:2]
     assert MetricsLogger(log, stage="stwp").drop_lines_after(30) == 0
+
+
+def test_an_uncaught_user_error_prints_one_line_unless_a_traceback_is_asked_for(capsys, monkeypatch) -> None:
+    from monai_ssl.utils import UserError
+
+    try:
+        try:
+            raise UserError("models/model.pt does not exist; train it")
+        except UserError as inner:
+            raise RuntimeError("Failed to evaluate ConfigExpression") from inner  # as MONAI wraps it
+    except RuntimeError as wrapped:
+        error = wrapped
+    monkeypatch.delenv("MONAI_SSL_TRACEBACK", raising=False)
+    sys.excepthook(type(error), error, error.__traceback__)
+    assert capsys.readouterr().err == "error: models/model.pt does not exist; train it\n"
+    monkeypatch.setenv("MONAI_SSL_TRACEBACK", "1")
+    sys.excepthook(type(error), error, error.__traceback__)
+    assert "Traceback" in capsys.readouterr().err
+    other = ValueError("not ours")
+    monkeypatch.delenv("MONAI_SSL_TRACEBACK")
+    sys.excepthook(ValueError, other, None)
+    assert "ValueError: not ours" in capsys.readouterr().err
