@@ -135,7 +135,7 @@ def test_train_lowers_the_loss_then_resume_evaluate_and_infer(tmp_path: Path) ->
         assert wf.parser.get_parsed_content(name).param_groups[0]["lr"] == pytest.approx(0.001)
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     DualNetwork3D(**TINY_NET).load_state_dict(state, strict=True)  # bare state dict of the deployable network
-    resume = torch.load(tmp_path / "runs" / "resume.pt", weights_only=False)
+    resume = torch.load(tmp_path / "runs" / "resume.pt", weights_only=True)
     assert resume["trainer"]["iteration"] == 16 and resume["lr_scheduler_vnet"]["last_epoch"] == 16
     assert (tmp_path / "runs" / "training_curves.png").is_file()
 
@@ -147,7 +147,7 @@ def test_train_lowers_the_loss_then_resume_evaluate_and_infer(tmp_path: Path) ->
     more.trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.iteration))
     more.run()
     assert seen == list(range(17, 25))
-    assert torch.load(tmp_path / "runs" / "resume.pt", weights_only=False)["lr_scheduler"]["last_epoch"] == 24
+    assert torch.load(tmp_path / "runs" / "resume.pt", weights_only=True)["lr_scheduler"]["last_epoch"] == 24
 
     # evaluate: per-case Dice / Jaccard / HD95 / ASD in voxels and mm, CSV + JSON
     ev = make_workflow(BUNDLE, ["train.json", "evaluate.json"], **tiny_overrides(tmp_path))
@@ -360,7 +360,7 @@ def test_torchrun_two_processes_keep_both_subnets_in_sync(tmp_path: Path) -> Non
     for k in params[0]:
         torch.testing.assert_close(params[0][k], params[1][k], rtol=0, atol=1e-6, msg=f"{k} differs across ranks")
     assert (tmp_path / "ddp" / "models" / "model.pt").is_file()
-    resume = torch.load(tmp_path / "ddp" / "runs" / "resume.pt", weights_only=False)
+    resume = torch.load(tmp_path / "ddp" / "runs" / "resume.pt", weights_only=True)
     assert resume["trainer"]["iteration"] == 4
 
     # control: the same run without the DDP wrapper lets the ranks drift apart (each sees other data)

@@ -176,5 +176,5 @@ def test_torchrun_two_processes_on_cpu(bundle: str, tmp_path: Path) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "models" / "model.pt").is_file()
-    state = torch.load(tmp_path / "runs" / "resume.pt", weights_only=False)
+    state = torch.load(tmp_path / "runs" / "resume.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"]

@@ -263,7 +263,7 @@ def test_plot_training_curves(tmp_path) -> None:
 def test_metrics_logger_appends(tmp_path) -> None:
     log = tmp_path / "logs" / "train.jsonl"
 
-    def run(n_iter: int, list_output: bool) -> None:
+    def run(n_iter: int, list_output: bool, stage: str | None = None) -> None:
         def step(engine: Engine, batch: int) -> object:
             out = {"loss": torch.tensor(0.5), "loss_sup": 0.25, "loss_cons": torch.tensor([0.25]),
                    "pred": torch.zeros(1, 4, 4), "flag": True}
@@ -277,7 +277,7 @@ def test_metrics_logger_appends(tmp_path) -> None:
         def _set_metrics(e: Engine) -> None:
             e.state.metrics.update({"mean_dice": 0.8, "val_hd95": torch.tensor(2.0), "per_class": torch.ones(3)})
 
-        MetricsLogger(log, log_every=2).attach(trainer, evaluator)
+        MetricsLogger(log, log_every=2, stage=stage).attach(trainer, evaluator)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: evaluator.run([0]))
         trainer.run(range(n_iter), max_epochs=1)
 
@@ -286,10 +286,10 @@ def test_metrics_logger_appends(tmp_path) -> None:
     assert first[0] == {"epoch": 1, "iteration": 2, "loss": 0.5, "loss_sup": 0.25, "loss_cons": 0.25}
     assert [r["iteration"] for r in first] == [2, 4, 4]
     assert first[-1] == {"epoch": 1, "iteration": 4, "val_mean_dice": 0.8, "val_hd95": 2.0}
-    run(2, list_output=True)  # a second logger on the same file appends
+    run(2, list_output=True, stage="warmup")  # a logger of another stage on the same file appends
     second = read_metrics_log(log)
     assert second[:3] == first and len(second) == 5
-    assert second[3]["loss"] == 0.5
+    assert second[3]["loss"] == 0.5 and second[3]["stage"] == "warmup"
 
 
 # --------------------------------------------------------------------------- evaluator handler

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -57,14 +58,22 @@ def test_sigkill_during_training_then_rerun_loses_nothing(tmp_path: Path) -> Non
     time.sleep(1.0)  # into the next epoch (or the next save)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    state = torch.load(resume, weights_only=False)  # never a truncated file
+    state = torch.load(resume, weights_only=True)  # never a truncated file
     done_before = state["trainer"]["iteration"]
     assert done_before % 6 == 0 and done_before < 24
+    stale_model_temp = tmp_path / "models" / ".model.pt.a1b2c3d4.tmp"  # as left by a kill during a model save
+    stale_model_temp.parent.mkdir(exist_ok=True)
+    stale_model_temp.write_bytes(b"partial")
 
     rerun = subprocess.run(_bundle_cmd(tmp_path, 4), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     assert f"resumed from {resume}" in rerun.stdout + rerun.stderr
-    final = torch.load(resume, weights_only=False)
+    final = torch.load(resume, weights_only=True)
     assert final["trainer"]["iteration"] == 24
     assert not list(resume.parent.glob(".resume.pt.*.tmp"))
+    assert not list((tmp_path / "models").glob(".*.tmp")), "stale temporary files left in models/"
     assert (tmp_path / "models" / "model.pt").is_file()
+    log = [json.loads(line) for line in (tmp_path / "runs" / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["iteration"], "val_mean_dice" in r) for r in log]
+    assert len(keys) == len(set(keys)), f"duplicate lines in metrics.jsonl after the resume: {keys}"
+    assert sorted(i for i, is_val in keys if is_val) == [6, 12, 18, 24], keys

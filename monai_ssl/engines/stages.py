@@ -44,7 +44,7 @@ from monai_ssl.handlers.checkpoint import ResumeCheckpoint, atomic_torch_save, i
 from monai_ssl.handlers.teachers import freeze
 from monai_ssl.methods.supervised import SupervisedObjective
 from monai_ssl.pseudo.appg import config_hash, run_appg, store_lock, valid_pseudo_datalist
-from monai_ssl.utils import atomic_write
+from monai_ssl.utils import atomic_write, remove_stale_temps, safe_torch_load
 
 from .trainer import SemiSupervisedTrainer
 
@@ -302,7 +302,7 @@ class StaticTeacherWarmup:
         else:
             signal = self.work_dir / f"ready-{nonce}"
             _wait_until(signal.exists, f"the APPG and static-teacher stages ({signal})")
-        state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
+        state = safe_torch_load(self.weights_path, "static teacher", "delete it and its .json manifest to retrain the warm-up")
         unwrap(self.network).load_state_dict(state)
         self.digest = json.loads(self.weights_path.with_suffix(".json").read_text(encoding="utf-8"))["config_hash"]
         return freeze(self.network)
@@ -323,6 +323,8 @@ class StaticTeacherWarmup:
 
     def _make(self) -> None:
         """APPG, then the warm-up unless a complete artifact from the same settings exists."""
+        for path in (self.weights_path, self.weights_path.with_suffix(".json")):
+            remove_stale_temps(path)  # left by a run killed while writing them
         with store_lock(self.appg.out_dir):  # the manifest read is the one this run wrote, not a concurrent run's
             manifest_path = self.appg.run()
             data = valid_pseudo_datalist(manifest_path)

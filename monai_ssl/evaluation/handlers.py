@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from monai_ssl.utils import atomic_write, remove_stale_temps
+
 from .metrics import _to_numpy, case_metrics
 from .overlay import save_overlay
 from .report import write_report
@@ -45,13 +47,20 @@ class MetricsLogger:
     each evaluator run one line with the trainer's epoch/iteration and the scalar
     ``evaluator.state.metrics`` prefixed ``val_`` (unless already prefixed) is appended.
 
-    The file is opened in append mode for every line, so it survives a crash and a
-    resumed run (or a second ``attach``) continues it. Only rank 0 writes.
+    The file is opened in append mode for every line, so it survives a crash. When the trainer
+    starts its first epoch of a run (after a resume checkpoint was loaded), the lines of this
+    logger's ``stage`` beyond the trainer's iteration are dropped (atomically), together with a
+    line cut short by a kill: they came from a killed run past its last checkpoint and are
+    logged again, so a resumed run keeps one line per iteration/validation, and a run started
+    afresh in the same folder starts a fresh log. Only rank 0 writes.
 
     Args:
         log_path: the ``.jsonl`` file (parent folders are created).
         output_transform: maps the trainer's ``state.output`` to the loss dict.
         log_every: log every this many iterations (global iteration count).
+        stage: a name written into every line as ``"stage"`` (e.g. ``"stwp"`` for a warm-up
+            trainer logging into the same file); the lines of other stages are never dropped.
+            ``None``: no ``stage`` key (lines without one belong to this logger).
     """
 
     def __init__(
@@ -59,20 +68,59 @@ class MetricsLogger:
         log_path: str | os.PathLike,
         output_transform: Callable[[Any], Any] = lambda out: out,
         log_every: int = 10,
+        stage: str | None = None,
     ) -> None:
         if log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {log_every}")
         self.log_path = Path(log_path)
         self.output_transform = output_transform
         self.log_every = log_every
+        self.stage = stage
         self._trainer: Engine | None = None
+        self._trim_pending = False
 
     def attach(self, trainer: Engine, evaluator: Engine | None = None) -> None:
         """Log loss terms on ``trainer`` iterations and, if given, ``evaluator`` metrics on completion."""
         self._trainer = trainer
+        trainer.add_event_handler(Events.STARTED, self._arm_trim)
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._trim_once)
         trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.log_every), self.log_iteration)
         if evaluator is not None:
             evaluator.add_event_handler(Events.COMPLETED, self.log_validation)
+
+    def _arm_trim(self, engine: Engine) -> None:
+        self._trim_pending = True
+
+    def _trim_once(self, engine: Engine) -> None:
+        # EPOCH_STARTED comes after every STARTED handler, so a resume checkpoint is loaded by now
+        if self._trim_pending:
+            self._trim_pending = False
+            self.drop_lines_after(engine.state.iteration)
+
+    def drop_lines_after(self, iteration: int) -> int:
+        """Remove this stage's lines with an iteration above ``iteration`` (and unreadable lines); return how many.
+
+        The file is rewritten atomically, and only when something is removed (rank 0 only).
+        """
+        if idist.get_rank() != 0 or not self.log_path.is_file():
+            return 0
+        remove_stale_temps(self.log_path)
+        kept, dropped = [], 0
+        for line in self.log_path.read_text(encoding="utf-8").splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+                ours = record.get("stage") == self.stage
+                keep = line.endswith("\n") and not (ours and int(record["iteration"]) > iteration)
+            except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+                keep = False  # cut short by a kill mid-write
+            if keep:
+                kept.append(line)
+            else:
+                dropped += 1
+        if dropped:
+            atomic_write(self.log_path, "".join(kept))
+            logger.info("%s: dropped %d lines past iteration %d (a run killed after its last checkpoint)", self.log_path, dropped, iteration)
+        return dropped
 
     def log_iteration(self, engine: Engine) -> None:
         """Append the scalar terms of ``engine.state.output``."""
@@ -102,7 +150,8 @@ class MetricsLogger:
         """Write one line (rank 0 only), flushed and fsynced."""
         if idist.get_rank() != 0:
             return
-        line = json.dumps({"epoch": trainer.state.epoch, "iteration": trainer.state.iteration, **values})
+        stage = {} if self.stage is None else {"stage": self.stage}
+        line = json.dumps({**stage, "epoch": trainer.state.epoch, "iteration": trainer.state.iteration, **values})
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(line + "\n")

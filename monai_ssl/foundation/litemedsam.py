@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from monai_ssl.utils import modules_replaced
+from monai_ssl.utils import modules_replaced, safe_torch_load
 
 __all__ = [
     "BoxSegmentation",
@@ -172,7 +172,7 @@ def load_litemedsam(checkpoint: str | Path | None = None, device: str | torch.de
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise FileNotFoundError(f"LiteMedSAM checkpoint not found: {checkpoint}")
     path = packaged_checkpoint() if checkpoint is None else Path(checkpoint)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = safe_torch_load(path, "LiteMedSAM checkpoint")
     if isinstance(state, dict):
         state = state.get("model", state.get("state_dict", state))
     net.load_state_dict(state, strict=True)

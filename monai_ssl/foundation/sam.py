@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from monai_ssl.utils import modules_replaced
+from monai_ssl.utils import modules_replaced, safe_torch_load
 
 from .interfaces import torchvision_import_error
 from .litemedsam import BoxSegmentation, BoxSegmenterBase, as_rgb_array
@@ -132,7 +132,7 @@ def load_sam(
     else:
         import_segment_anything()
         net = builder()
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = safe_torch_load(checkpoint, "SAM checkpoint")
     if isinstance(state, dict):
         state = state.get("model", state.get("state_dict", state))
     if not isinstance(state, dict):

@@ -1,6 +1,6 @@
 """Ignite handlers for semi-supervised training: teachers, schedules, checkpoints."""
 
-from .checkpoint import BestModelSaver, ResumeCheckpoint, RNGState, atomic_torch_save
+from .checkpoint import BestModelSaver, ResumeCheckpoint, RNGState, TrainedModelLoader, atomic_torch_save, train_command
 from .schedules import RampUp, linear_rampup, sigmoid_rampup
 from .teachers import EMATeacher, freeze, make_teacher
 
@@ -10,9 +10,11 @@ __all__ = [
     "RNGState",
     "RampUp",
     "ResumeCheckpoint",
+    "TrainedModelLoader",
     "atomic_torch_save",
     "freeze",
     "linear_rampup",
     "make_teacher",
     "sigmoid_rampup",
+    "train_command",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,9 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from monai_ssl.utils import atomic_path
+from monai_ssl.utils import MissingFileError, UserError, atomic_path, remove_stale_temps, safe_torch_load
 
-__all__ = ["atomic_torch_save", "RNGState", "ResumeCheckpoint", "BestModelSaver"]
+__all__ = ["atomic_torch_save", "RNGState", "ResumeCheckpoint", "BestModelSaver", "TrainedModelLoader", "train_command"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,19 +33,38 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 class RNGState:
-    """Python, NumPy and torch (CPU and CUDA) random states, with ``state_dict``/``load_state_dict``."""
+    """Python, NumPy and torch (CPU and CUDA) random states, with ``state_dict``/``load_state_dict``.
+
+    The state is made of tensors and plain values only, so a checkpoint holding it loads with
+    ``torch.load(weights_only=True)`` (no NumPy arrays or other pickled objects).
+    """
 
     def state_dict(self) -> dict[str, Any]:
-        """Capture the current random states."""
-        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        """Capture the current random states as tensors, ints, floats and strings."""
+        version, internal, gauss_next = random.getstate()
+        name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+        state: dict[str, Any] = {
+            "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+            "numpy": {
+                "bit_generator": str(name),
+                "keys": torch.from_numpy(keys.astype(np.int64)),
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "cached_gaussian": float(cached_gaussian),
+            },
+            "torch": torch.get_rng_state(),
+        }
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore random states captured by :meth:`state_dict`."""
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        py, npy = state["python"], state["numpy"]
+        random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()), py["gauss_next"]))
+        np.random.set_state(
+            (npy["bit_generator"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+        )
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
@@ -55,7 +75,9 @@ class ResumeCheckpoint:
 
     Attach it to the trainer **after** the validation handler so that the saved state includes
     the epoch's validation (best metric, LR scheduler). It saves every ``save_interval`` epochs
-    and at the end; at ``Events.STARTED`` it loads ``<save_dir>/<filename>`` if it exists. The
+    and at the end. :meth:`attach` reads ``<save_dir>/<filename>`` if it exists, with
+    ``weights_only=True`` (every saved state is tensors and plain values; a file holding pickled
+    objects is refused, naming it, and nothing in it runs), and ``Events.STARTED`` restores it. The
     configured ``max_epochs`` wins over the saved one, so a finished run can be extended.
 
     Args:
@@ -83,10 +105,16 @@ class ResumeCheckpoint:
         self.save_dict = {**{k: v for k, v in save_dict.items() if v is not None}, "rng": RNGState()}
         self.save_interval = save_interval
         self.resume = resume
+        self._state: dict[str, Any] | None = None
 
     def attach(self, engine: Engine) -> None:
-        """Register load-at-start and save-every-interval handlers on ``engine``."""
+        """Remove temporary files a killed run left (rank 0), read the checkpoint if there is one (so a
+        file that cannot be loaded stops the run here, before the engine starts), then register
+        load-at-start and save-every-interval handlers on ``engine``."""
+        if is_rank0():
+            remove_stale_temps(self.path)
         if self.resume:
+            self._state = self._read()
             engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
         engine.add_event_handler(Events.COMPLETED, self.save)
@@ -98,25 +126,36 @@ class ResumeCheckpoint:
         state = {name: unwrap(obj).state_dict() for name, obj in self.save_dict.items()}
         atomic_torch_save(state, self.path)
 
-    def load(self, engine: Engine) -> None:
-        """Restore every object from the checkpoint, if one exists."""
-        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # left by a run killed mid-save
-            stale.unlink(missing_ok=True)
+    def _read(self) -> dict[str, Any] | None:
+        """The checkpoint's content (``None`` if there is none), read with ``weights_only=True``.
+
+        A file holding pickled objects (planted, or written by a monai_ssl version that stored
+        NumPy random states) is refused with an :class:`~monai_ssl.utils.UnsafeCheckpointError`
+        naming it, and nothing in it runs; one without an entry of ``save_dict`` is refused too.
+        """
         if not self.path.exists():
-            return
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # a foreign or damaged file: say which and stop
-            raise RuntimeError(f"cannot read resume checkpoint {self.path}: {exc}; delete it to start afresh") from exc
+            return None
+        state = safe_torch_load(
+            self.path, "resume checkpoint", "delete it (or use another output_dir) to start the run afresh"
+        )
+        if not isinstance(state, Mapping):
+            raise UserError(f"resume checkpoint {self.path} holds a {type(state).__name__}, not a dict: delete it to start afresh")
         missing = sorted(set(self.save_dict) - set(state))
         if missing:
-            raise RuntimeError(f"resume checkpoint {self.path} lacks {missing}; it was written by another configuration")
+            raise UserError(f"resume checkpoint {self.path} lacks {missing}; it was written by another configuration")
+        return dict(state)
+
+    def load(self, engine: Engine) -> None:
+        """Restore every object from the checkpoint, if one exists (the one read by :meth:`attach`, else read now)."""
+        state, self._state = (self._state if self._state is not None else self._read()), None
+        if state is None:
+            return
         max_epochs = engine.state.max_epochs
         for name, obj in self.save_dict.items():
             try:
                 unwrap(obj).load_state_dict(state[name])
             except Exception as exc:
-                raise RuntimeError(
+                raise UserError(
                     f"resume checkpoint {self.path}: cannot restore {name!r} ({exc}); it was written by another "
                     "configuration: delete it or use another output folder to start afresh"
                 ) from exc
@@ -159,7 +198,9 @@ class BestModelSaver:
         self.best_epoch = -1
 
     def attach(self, evaluator: Engine) -> None:
-        """Check the metric after each evaluation run."""
+        """Remove temporary files a killed run left next to ``path`` (rank 0); check the metric after each evaluation run."""
+        if is_rank0():
+            remove_stale_temps(self.path)
         evaluator.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, evaluator: Engine) -> None:
@@ -182,6 +223,101 @@ class BestModelSaver:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the best value and epoch."""
         self.best, self.best_epoch = state["best"], state["best_epoch"]
+
+
+def train_command(bundle_name: str, bundle_root: str | os.PathLike, ckpt_dir: str | os.PathLike | None = None) -> str:
+    """The ``monai.bundle run`` command that trains ``bundle_name`` into ``ckpt_dir/model.pt``.
+
+    ``--bundle_root`` / ``--ckpt_dir`` are added only where they differ from the bundle's defaults
+    (``bundles/<name>`` from the repository root, and its ``models`` folder).
+    """
+    from monai_ssl.bundle import resolve_bundle_root
+
+    root = Path(bundle_root)
+    config = root / "configs" / "train.json"
+    if not config.is_file():
+        config = Path(__file__).resolve().parents[2] / "bundles" / bundle_name / "configs" / "train.json"
+    try:
+        shown = config.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        shown = config
+    parts = ["python", "-m", "monai.bundle", "run", "--config_file", str(shown)]
+    if root.resolve() != Path(resolve_bundle_root(bundle_name)).resolve():
+        parts += ["--bundle_root", str(root)]
+    if ckpt_dir is not None and Path(ckpt_dir).resolve() != (root / "models").resolve():
+        parts += ["--ckpt_dir", str(ckpt_dir)]
+    return shlex.join(parts)
+
+
+class TrainedModelLoader:
+    """Load the trained model (``models/model.pt``, a bare state dict) into a network when an engine starts.
+
+    A drop-in for MONAI's ``CheckpointLoader`` in evaluate/inference configs, loading with
+    ``weights_only=True`` and ``strict`` as it does, whose errors are one line naming the file:
+    the file is read **when the handler is built** (before any data is read), so a missing file
+    stops the run there with the command that trains the model, and a file holding pickled
+    objects is refused (:class:`~monai_ssl.utils.UnsafeCheckpointError`) and nothing in it runs;
+    at ``Events.STARTED`` the weights are loaded, and weights that do not fit the network say so.
+
+    Args:
+        load_path: the state dict file.
+        load_dict: ``{"model": network}``; with several entries, the file holds one state dict per key.
+        map_location: ``torch.load``'s ``map_location``.
+        strict: strict ``load_state_dict``.
+        bundle_name: the bundle (e.g. ``"supervised"``), for the training command in the error.
+        bundle_root: the bundle's root folder (as configured), for the same command.
+    """
+
+    def __init__(
+        self,
+        load_path: str | os.PathLike,
+        load_dict: Mapping[str, Any],
+        map_location: Any = None,
+        strict: bool = True,
+        bundle_name: str | None = None,
+        bundle_root: str | os.PathLike | None = None,
+    ) -> None:
+        if not load_dict:
+            raise ValueError("TrainedModelLoader: load_dict is empty")
+        self.load_path = Path(load_path)
+        self.load_dict = dict(load_dict)
+        self.map_location = map_location
+        self.strict = strict
+        if bundle_name is not None:
+            root = bundle_root if bundle_root is not None else self.load_path.parent.parent
+            self.how_to_make = f"train the bundle first: {train_command(bundle_name, root, self.load_path.parent)}"
+        else:
+            self.how_to_make = "train the bundle first (its configs/train.json writes it)"
+        if not self.load_path.is_file():
+            raise MissingFileError(f"no trained model: {self.load_path} does not exist; {self.how_to_make}")
+        self._state: Mapping[str, Any] | None = self._read()
+
+    def attach(self, engine: Engine) -> None:
+        """Load the weights at ``Events.STARTED``."""
+        engine.add_event_handler(Events.STARTED, self)
+
+    def _read(self) -> Any:
+        return safe_torch_load(self.load_path, "trained model", self.how_to_make, map_location=self.map_location)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        """Load the weights (read when the handler was built, else now) strictly into every network of ``load_dict``."""
+        state, self._state = (self._state if self._state is not None else self._read()), None
+        if not isinstance(state, Mapping):
+            raise UserError(f"trained model {self.load_path} holds a {type(state).__name__}, not a state dict; {self.how_to_make}")
+        key = next(iter(self.load_dict))
+        if len(self.load_dict) == 1 and key not in state:
+            state = {key: state}  # a bare state dict of the one network
+        for name, obj in self.load_dict.items():
+            if name not in state:
+                raise UserError(f"trained model {self.load_path} has no entry {name!r} (it has {sorted(state)[:5]})")
+            try:
+                unwrap(obj).load_state_dict(state[name], strict=self.strict)
+            except Exception as exc:
+                raise UserError(
+                    f"trained model {self.load_path} does not fit the configured network {name!r} (it was trained with "
+                    f"other settings: {str(exc).splitlines()[0]}); use the training settings or {self.how_to_make}"
+                ) from exc
+        logger.info(f"loaded the trained model {self.load_path}")
 
 
 def unwrap(obj: Any) -> Any:
