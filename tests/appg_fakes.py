@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,3 +31,17 @@ class BoxFillSegmenter:
                 iou = np.full(len(box_arr), self.iou, dtype=np.float32)
             results.append(BoxSegmentation(masks, iou))
         return results
+
+
+class SlowBoxFillSegmenter(BoxFillSegmenter):
+    """:class:`BoxFillSegmenter` that sleeps ``delay`` seconds per ``segment_batch`` call, so that a
+    test can act while an APPG run is mid-way."""
+
+    def __init__(self, delay: float, iou: float | None = 0.5) -> None:
+        super().__init__(iou)
+        self.delay = delay
+
+    def segment_batch(self, images: Sequence[np.ndarray], boxes: Sequence) -> list[BoxSegmentation]:
+        """Sleep, then fill each box."""
+        time.sleep(self.delay)
+        return super().segment_batch(images, boxes)

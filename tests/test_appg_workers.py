@@ -1,5 +1,5 @@
 """APPG with worker processes: the same records and masks as in-process, resume, error propagation
-with the case id and no processes left behind; the exact-output speed-ups of LiteMedSAM (ConvGELU,
+with the case id and no processes left behind (also when the parent is killed with SIGKILL); the exact-output speed-ups of LiteMedSAM (ConvGELU,
 the contiguous mask decoder, pickling) against the original computations."""
 
 from __future__ import annotations
@@ -9,6 +9,10 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -125,6 +129,83 @@ def test_workers_are_checked_and_unpicklable_models_are_refused(images, tmp_path
         _run(images[:4], tmp_path / "c", segmenter=LocalSegmenter(), workers=2)
     assert isinstance(tune_malloc_for_inference(), bool)
     assert default_workers("cuda") == 1 and default_workers("cpu") == min(4, os.cpu_count() or 1)
+
+
+_KILLED_PARENT = """
+import json, sys
+from appg_fakes import SlowBoxFillSegmenter
+from monai_ssl.foundation.appearance import AppearanceBoxProposer
+from monai_ssl.pseudo.appg import run_appg
+
+images, out = json.loads(sys.argv[1]), sys.argv[2]
+run_appg(images, out, AppearanceBoxProposer(), SlowBoxFillSegmenter(delay=1.0), top_k=3, overlay_count=0,
+         encoder_batch_size=1, progress=False, config={"proposer": "appearance", "segmenter": "slow"},
+         workers=2, threads_per_worker=1)
+"""
+
+
+def _children(pid: int) -> dict[int, str]:
+    """Live child processes of ``pid`` (``/proc``): pid -> start time (tells a reused pid apart)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, ...
+            if int(fields[1]) == pid and fields[0] not in "ZX":
+                found[int(entry.name)] = fields[19]
+    return found
+
+
+def _alive(pid: int, start_time: str) -> bool:
+    """Whether process ``pid`` (started at ``start_time``) still runs (zombies count as dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[0] not in "ZX" and fields[19] == start_time
+
+
+def _store_files(out: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(out)): (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*") if p.is_file()}
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_workers_die_with_a_killed_parent_and_write_nothing_after(images, tmp_path) -> None:
+    out = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    parent = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT, json.dumps(images), str(out)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    workers: dict[int, str] = {}
+    try:
+        deadline = time.time() + 120
+        while not list((out / "masks").glob("*.png")):  # mid-APPG: the first images are done
+            assert parent.poll() is None, f"APPG ended before any mask was written: {parent.stderr.read()[-2000:]}"
+            assert time.time() < deadline, "no mask within 120 s"
+            time.sleep(0.05)
+        workers = _children(parent.pid)  # the two workers and multiprocessing's resource tracker
+        assert len(workers) >= 2, workers
+        os.kill(parent.pid, signal.SIGKILL)  # the parent only: its workers get no signal from here
+        parent.wait()
+        before = _store_files(out)
+        assert len(list((out / "masks").glob("*.png"))) < len(images), "the run was not mid-way when killed"
+        deadline = time.time() + 5
+        while any(_alive(pid, start) for pid, start in workers.items()) and time.time() < deadline:
+            time.sleep(0.1)
+        alive = [pid for pid, start in workers.items() if _alive(pid, start)]
+        assert not alive, f"processes of the killed APPG run still alive 5 s after the kill: {alive}"
+        time.sleep(2.0)  # a live worker would have finished two more images by now (1 s each)
+        assert _store_files(out) == before, "files in the store changed after the parent was killed"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        for pid, start in workers.items():  # never leave this test's processes behind, even when it fails
+            if _alive(pid, start):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("groups, kernel", [(1, 1), (32, 3)])

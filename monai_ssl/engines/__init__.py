@@ -1,6 +1,6 @@
 """Training engines and multi-stage pipelines."""
 
-from .stages import APPGStage, StageArtifact, StaticTeacherWarmup, component_description, copy_weights
+from .stages import APPGStage, StageArtifact, StaticTeacherWarmup, component_description, copy_weights, seed_stage, stage_seed
 from .trainer import SKIPPED_STEPS_WARNING, Objective, SemiSupervisedTrainer, autocast_context
 
 __all__ = [
@@ -13,4 +13,6 @@ __all__ = [
     "autocast_context",
     "component_description",
     "copy_weights",
+    "seed_stage",
+    "stage_seed",
 ]

@@ -16,6 +16,14 @@ The dual-teacher bundle runs three stages in one ``monai.bundle run`` (methods s
 
 Under ``torch.distributed`` the first two stages run on rank 0 only; the other ranks wait for the
 artifact to be complete and then load it.
+
+Seeding: every stage seeds Python, NumPy and torch at its start with :func:`seed_stage` from the
+run's seed and its own name (``"appg"``, ``"stwp"``, and ``"train"`` for the bundle's trainer,
+seeded by the bundle's ``run`` list before the trainer's loaders are made), so a stage draws the
+same random numbers whether the stages before it ran in this process, were loaded from disk or
+were resumed: a run killed in any stage and restarted ends with the same model as one that was
+never interrupted. A resume checkpoint then restores the random state where it stopped (its
+``Events.STARTED`` handler runs after the stage's seeding).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import operator
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -35,6 +44,7 @@ import torch.distributed as dist
 from ignite.engine import Events
 from monai.data import CacheDataset, DataLoader
 from monai.losses import DiceCELoss
+from monai.utils import set_determinism
 from torch import nn
 
 from monai_ssl.data.datalist import load_datalist
@@ -48,11 +58,40 @@ from monai_ssl.utils import atomic_write, remove_stale_temps, safe_torch_load
 
 from .trainer import SemiSupervisedTrainer
 
-__all__ = ["APPGStage", "StageArtifact", "StaticTeacherWarmup", "component_description", "copy_weights"]
+__all__ = ["APPGStage", "StageArtifact", "StaticTeacherWarmup", "component_description", "copy_weights", "seed_stage", "stage_seed"]
 
 logger = logging.getLogger(__name__)
 
 _SCALARS = (bool, int, float, str, type(None))
+
+
+def stage_seed(seed: int, name: str) -> int:
+    """The seed of stage ``name`` in a run seeded with ``seed``: the first four bytes of the SHA-256
+    of ``"<seed>/<name>"`` (the same in every process and Python version, unlike ``hash``; below
+    2**32, as NumPy needs)."""
+    try:
+        value = operator.index(seed) if not isinstance(seed, bool) else None
+    except TypeError:
+        value = None
+    if value is None:
+        raise ValueError(f"seed must be an int, got {seed!r} (stage {name!r})")
+    if not name:
+        raise ValueError("a stage needs a name to derive its seed from")
+    return int.from_bytes(hashlib.sha256(f"{value}/{name}".encode()).digest()[:4], "big")
+
+
+def seed_stage(seed: int, name: str) -> int:
+    """Seed Python, NumPy and torch for stage ``name`` (``monai.utils.set_determinism`` with
+    :func:`stage_seed`) and return that seed.
+
+    Call it at the start of a stage, before the stage makes anything that draws random numbers
+    (networks, data loaders, which draw their transforms' seeds when made): the stage's random
+    numbers then depend on ``(seed, name)`` only, not on what ran before it in the process.
+    """
+    value = stage_seed(seed, name)
+    set_determinism(seed=value)
+    logger.debug("stage %s seeded with %d (run seed %d)", name, value, seed)
+    return value
 
 
 def component_description(component: Any) -> dict[str, Any]:
@@ -142,6 +181,10 @@ class APPGStage:
         workers: processes computing the images (``run_appg``'s ``workers``: more than 1 spawns
             that many worker processes, each with a copy of the proposer and segmenter and
             ``torch.get_num_threads() // workers`` threads); not part of the settings hash.
+        seed: the run's seed; :meth:`run` starts with ``seed_stage(seed, "appg")``. Not part of
+            the settings hash: the shipped proposers and segmenters draw no random numbers (with
+            ``workers > 1`` a random one would not be reproducible anyway, since chunks go to
+            whichever worker is free).
     """
 
     def __init__(
@@ -161,6 +204,7 @@ class APPGStage:
         key: str = "unlabeled",
         progress: bool = True,
         workers: int = 1,
+        seed: int = 0,
     ) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
@@ -177,6 +221,7 @@ class APPGStage:
         self.truth_dir = Path(truth_dir) if truth_dir else None
         self.progress = progress
         self.workers = workers
+        self.seed = seed
 
     @property
     def manifest_path(self) -> Path:
@@ -185,6 +230,7 @@ class APPGStage:
 
     def run(self) -> Path:
         """Make (or reuse, or finish) the pseudo-labels; return the manifest path."""
+        seed_stage(self.seed, "appg")
         images = load_datalist(self.datalist, self.dataset_dir, self.key)
         segmenter = AutocastSegmenter(self.segmenter) if self.bf16 else self.segmenter
         # the same description as scripts/run_appg.py, so each reuses the other's results
@@ -230,7 +276,9 @@ class StaticTeacherWarmup:
         amp: mixed precision (bf16 autocast on CPU, fp16 + scaler on CUDA).
         channels_last: channels-last memory format.
         num_workers: data loader workers.
-        seed: seed for the data order (set with ``monai.utils.set_determinism`` before training).
+        seed: the run's seed; the warm-up starts with ``seed_stage(seed, "stwp")`` (data order,
+            augmentation). The network's initial weights are drawn where it is made (in a bundle:
+            when the config is parsed, after the ``initialize`` seeding).
         progress: show a progress bar.
         handlers: extra ignite handlers (objects with ``attach(engine)``) for the warm-up trainer,
             e.g. a ``TensorBoardStatsHandler``; attached after the resume checkpoint.
@@ -284,6 +332,7 @@ class StaticTeacherWarmup:
             "learning_rate": self.learning_rate,
             "amp": self.amp,
             "seed": self.seed,
+            "stage_seed": stage_seed(self.seed, "stwp"),  # also tells apart artifacts seeded otherwise
         }
         return StageArtifact(self.weights_path, settings)
 
@@ -304,6 +353,10 @@ class StaticTeacherWarmup:
             _wait_until(signal.exists, f"the APPG and static-teacher stages ({signal})")
         state = safe_torch_load(self.weights_path, "static teacher", "delete it and its .json manifest to retrain the warm-up")
         unwrap(self.network).load_state_dict(state)
+        # one memory layout whether the warm-up trained here (its trainer made the network
+        # channels-last) or was loaded: convolutions round differently in the two layouts, and a
+        # restarted run's stage 3 would then drift from an uninterrupted one's
+        self.network.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         self.digest = json.loads(self.weights_path.with_suffix(".json").read_text(encoding="utf-8"))["config_hash"]
         return freeze(self.network)
 
@@ -340,9 +393,7 @@ class StaticTeacherWarmup:
             self._train(data, artifact)
 
     def _train(self, data: list[dict[str, str]], artifact: StageArtifact) -> None:
-        from monai.utils import set_determinism
-
-        set_determinism(seed=self.seed)
+        seed_stage(self.seed, "stwp")  # before the data loader draws its transforms' seed
         logger.info("static-teacher warm-up on %d valid pseudo-labels, %d epochs", len(data), self.max_epochs)
         dataset = CacheDataset(data, self.transform, cache_rate=1.0, progress=False)
         loader = DataLoader(

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 import torch
 from monai.data import MetaTensor
+from monai.data.utils import set_rnd
 from monai.engines import SupervisedTrainer
 from monai.engines.trainer import Trainer
 from monai.engines.utils import IterationEvents, default_prepare_batch
@@ -133,7 +134,14 @@ class SemiSupervisedTrainer(SupervisedTrainer):
 
     def _restart_loaders(self, engine: "SemiSupervisedTrainer") -> None:
         """Start both loaders afresh at every epoch, so an epoch's batches depend only on the
-        random state at its start (what a resumed run restores), whatever ``epoch_length`` is."""
+        random state at its start (what a resumed run restores), whatever ``epoch_length`` is.
+
+        That includes the random transforms of loaders without worker processes: MONAI seeds
+        those once, when the loader is made, and their state is in no checkpoint, so they are
+        re-seeded here from torch's random state (as loader workers are at every epoch)."""
+        for loader in (self.data_loader, self.unlabeled_data_loader):
+            if loader is not None and getattr(loader, "num_workers", None) == 0 and hasattr(loader, "dataset"):
+                set_rnd(loader.dataset, int(torch.empty((), dtype=torch.int64).random_().item()))
         engine.set_data(self.data_loader)
         if self.unlabeled_data_loader is not None:
             self._unlabeled_cycle = 0

@@ -40,11 +40,14 @@ manifest and the masks they list) and recomputes into the same folder, with a wa
 always holds the results of exactly one configuration.
 
 Worker processes: with ``workers > 1`` the images are split into chunks that ``workers``
-processes (``spawn`` start method, ``threads_per_worker`` torch threads each) propose, segment,
-choose and write masks for, each with its own unpickled copy of the proposer and segmenter
+processes (``spawn`` start method, ``threads_per_worker`` torch threads each) propose, segment
+and choose masks for, each with its own unpickled copy of the proposer and segmenter
 (precision wrappers such as ``AutocastSegmenter`` included, so they run exactly as in-process).
-The parent process stays the only writer of the journal, the manifest and the report and
-journals each chunk as it comes back, so resuming works as with one process; the outputs do
+The parent process stays the only writer of the store (masks, journal, manifest, report): a
+worker sends each chunk's masks back as PNG bytes, and the parent writes and journals them as
+they come back, so resuming works as with one process. Workers die with the parent (Linux
+``PR_SET_PDEATHSIG``, and a check before each image), so a killed run leaves no process behind
+that computes or writes into a store a restarted run is using. The outputs do
 not depend on ``workers``, which is therefore not part of the config hash. On this project's
 2-core CPU, 2 workers x 1 thread beat 1 process x 2 intra-op threads (the models' kernels do not
 scale well over 2 threads). Worker processes return freed memory to the system lazily (glibc
@@ -70,11 +73,14 @@ import multiprocessing
 import os
 import pickle
 import queue
+import shutil
 import signal
+import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -523,6 +529,54 @@ _worker_main(*WORKER_ARGS)
 #: seconds a worker waits for a task before checking that its parent still lives
 _WORKER_POLL_SECONDS = 5.0
 
+#: ``prctl`` option (Linux ``<sys/prctl.h>``): the signal a process gets when its parent dies
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this worker die with its parent: on Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` (the
+    kernel kills it when the parent's process, strictly the thread that started it, ends, even by
+    SIGKILL); then exit at once if the parent is gone already (it died before the ``prctl``).
+    Elsewhere only the checks of :func:`_exit_if_orphaned` between images apply."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+                logger.warning("APPG worker: prctl(PR_SET_PDEATHSIG) failed (errno %d)", ctypes.get_errno())
+        except (OSError, AttributeError):  # pragma: no cover - a libc without prctl
+            pass
+    _exit_if_orphaned(parent_pid)
+
+
+def _exit_if_orphaned(parent_pid: int) -> None:
+    """End this worker process now (no cleanup, nothing more sent or written) when the process that
+    started it is gone: a dead parent's children are re-parented, so ``os.getppid()`` changes."""
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+class _ParentCheckedProposer:
+    """A worker's view of the proposer: checks before each image that the parent still lives."""
+
+    def __init__(self, proposer: BoxProposer, parent_pid: int) -> None:
+        self.proposer, self.parent_pid = proposer, parent_pid
+
+    def propose(self, image: np.ndarray, prompts: Sequence[str], top_k: int) -> Sequence[BoxProposal]:
+        """The wrapped proposer's boxes for ``image``, unless the parent is gone (then exit)."""
+        _exit_if_orphaned(self.parent_pid)
+        return self.proposer.propose(image, prompts, top_k)
+
+
+def _staged_masks(staging: Path, records: Sequence[Mapping[str, Any]]) -> dict[str, bytes]:
+    """The PNG bytes of each record's mask that a worker wrote under ``staging`` (its own folder,
+    outside the store); the files are removed, so it holds at most one chunk's masks at a time."""
+    masks = {}
+    for record in records:
+        path = staging / record["mask"]
+        masks[record["mask"]] = path.read_bytes()
+        path.unlink()
+    return masks
+
 
 def _worker_error(err: BaseException, chunk: Sequence[tuple[str, str]]) -> tuple[str, str]:
     """Message (naming the case ids) and traceback text of an exception raised in a worker."""
@@ -539,14 +593,20 @@ def _worker_main(
     tasks: Any,
     results: Any,
     parent_pid: int,
+    staging: str,
 ) -> None:
     """Body of an APPG worker process: unpickle the job and models, then run chunks until told to stop.
 
-    Messages on ``results``: ``("ok", index, number, records)`` per chunk, ``("error", index,
-    number, (message, traceback))`` for a failed chunk (the worker then stops) and ``("init_error",
-    index, None, (message, traceback))`` when the models cannot be restored. Ctrl-C is left to the
-    parent, which terminates the workers; a worker whose parent is gone exits.
+    Messages on ``results``: ``("ok", index, number, (records, masks))`` per chunk (``masks``: the
+    PNG bytes of each record's mask, by its relative path; the parent writes them into the store,
+    which a worker never touches), ``("error", index, number, (message, traceback))`` for a failed
+    chunk (the worker then stops) and ``("init_error", index, None, (message, traceback))`` when the
+    models cannot be restored. Ctrl-C is left to the parent, which terminates the workers. A worker
+    dies with its parent (:func:`_die_with_parent`) and checks before each task and image that the
+    parent still lives, so a killed run leaves no worker computing for nobody. ``staging`` is this
+    worker's own folder (outside the store) for the masks of the chunk it is computing.
     """
+    _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # the parent loaded these models already and said once how (e.g. the timm stand-in warning)
     logging.getLogger("monai_ssl.foundation").setLevel(logging.ERROR)
@@ -558,22 +618,26 @@ def _worker_main(
         results.put(("init_error", index, None, (f"{type(err).__name__}: {err}", "".join(traceback.format_exception(err)))))
         return
     del payload
+    proposer = _ParentCheckedProposer(proposer, parent_pid)
+    job = replace(job, out_dir=Path(staging))
     while True:
         try:
             task = tasks.get(timeout=_WORKER_POLL_SECONDS)
         except queue.Empty:
-            if os.getppid() != parent_pid:
-                return
+            _exit_if_orphaned(parent_pid)
             continue
+        _exit_if_orphaned(parent_pid)
         if task is None:
             return
         number, chunk = task
         try:
             records = job.run(chunk, proposer, segmenter)
+            masks = _staged_masks(Path(staging), records)
         except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises
             results.put(("error", index, number, _worker_error(err, chunk)))
             return
-        results.put(("ok", index, number, records))
+        _exit_if_orphaned(parent_pid)
+        results.put(("ok", index, number, (records, masks)))
 
 
 def _run_in_workers(
@@ -585,9 +649,10 @@ def _run_in_workers(
     threads: int,
     consume: Callable[[list[dict]], None],
 ) -> None:
-    """Compute ``chunks`` in ``workers`` spawned processes; ``consume`` (in this process) gets each
-    chunk's records as it finishes. A worker's error is raised here as a RuntimeError naming the
-    case ids; on any error or interrupt the workers are terminated and joined (no orphans)."""
+    """Compute ``chunks`` in ``workers`` spawned processes; as each chunk finishes, this process
+    writes its masks into ``job.out_dir`` and ``consume`` gets its records. A worker's error is
+    raised here as a RuntimeError naming the case ids; on any error or interrupt the workers are
+    terminated and joined (no orphans); workers die with this process if it is killed."""
     try:
         payload = pickle.dumps((job, proposer, segmenter), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as err:
@@ -603,6 +668,7 @@ def _run_in_workers(
     for _ in range(workers):
         tasks.put(None)
     package = Path(__file__).resolve().parents[1]
+    staging = Path(tempfile.mkdtemp(prefix="appg-workers-"))  # the workers' masks before this process writes them
     processes = [
         context.Process(
             target=exec,
@@ -611,7 +677,7 @@ def _run_in_workers(
                 {
                     "__name__": "__appg_worker__",
                     "PACKAGE_DIR": str(package),
-                    "WORKER_ARGS": (i, payload, threads, tasks, results, os.getpid()),
+                    "WORKER_ARGS": (i, payload, threads, tasks, results, os.getpid(), str(staging / str(i))),
                 },
             ),
             name=f"appg-worker-{i}",
@@ -635,7 +701,10 @@ def _run_in_workers(
                     raise RuntimeError(f"APPG worker process ended without finishing its images ({codes})") from None
                 continue
             if kind == "ok":
-                consume(content)
+                records, masks = content
+                for relative, data in masks.items():  # this process is the store's only writer
+                    atomic_write(job.out_dir / relative, data)
+                consume(records)
                 remaining -= 1
             elif kind == "init_error":
                 message, trace = content
@@ -657,6 +726,7 @@ def _run_in_workers(
         for q in (tasks, results):
             q.close()
             q.cancel_join_thread()
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def run_appg(
