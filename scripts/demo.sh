@@ -18,16 +18,16 @@ fi
 
 echo "[demo] training $BUNDLE on the synthetic dataset (${SHORT[*]} $*)"
 "$PY" -m monai.bundle run --config_file "$BUNDLE/configs/train.json" "${SHORT[@]}" "$@"
-echo "[demo] evaluating models/model.pt on the test split"
-"$PY" -m monai.bundle run --config_file "['$BUNDLE/configs/train.json','$BUNDLE/configs/evaluate.json']" \
-    --spatial_size 128 "$@"
+echo "[demo] evaluating models/model.pt on the test split (at the settings in its card, models/model.json)"
+"$PY" -m monai.bundle run --config_file "['$BUNDLE/configs/train.json','$BUNDLE/configs/evaluate.json']" "$@"
 "$PY" - "$BUNDLE" <<'PYEOF'
 import json, sys
 from pathlib import Path
 bundle = Path(sys.argv[1]).resolve()
 log = [json.loads(line) for line in (bundle / "runs" / "metrics.jsonl").read_text().splitlines() if line.strip()]
 val = [r["val_mean_dice"] for r in log if "val_mean_dice" in r]
-test = json.loads((bundle / "eval" / "metrics_summary.json").read_text())["metrics"]
+summary = json.loads((bundle / "eval" / "metrics_summary.json").read_text())
+test, empty = summary["metrics"], summary["empty_cases"]
 print("\n[demo] results")
 appg = bundle / "runs" / "appg" / "report" / "appg_report.json"
 if appg.is_file():
@@ -36,8 +36,10 @@ if appg.is_file():
     quality = f", Dice vs truth {valid['dice']['mean']:.4f}" if "dice" in valid else ""
     print(f"  APPG pseudo-labels: {report['counts']['valid']} of {report['counts']['total']} valid{quality} ({appg.parent})")
 print(f"  validation Dice (best over {len(val)} validations): {max(val):.4f}")
-print(f"  test Dice {test['dice']['mean']:.4f} ± {test['dice']['std']:.4f}, IoU {test['iou']['mean']:.4f}, HD95 {test['hd95']['mean']:.1f} px")
-print(f"  model (bare state dict):   {bundle / 'models' / 'model.pt'}")
+print(f"  test Dice {test['dice']['mean']:.4f} ± {test['dice']['std']:.4f} over {summary['n_cases']} images "
+      f"({empty['both_empty']} of {empty['both_empty'] + empty['truth_empty']} lesion-free ones left empty, "
+      f"{empty['pred_empty']} lesions missed), IoU {test['iou']['mean']:.4f}, HD95 {test['hd95']['mean']:.1f} px")
+print(f"  model (bare state dict):   {bundle / 'models' / 'model.pt'}, its settings: {bundle / 'models' / 'model.json'}")
 print(f"  training log and curves:   {bundle / 'runs' / 'metrics.jsonl'}, {bundle / 'runs' / 'training_curves.png'}")
 print(f"  per-case metrics, summary: {bundle / 'eval' / 'metrics_per_case.csv'}, {bundle / 'eval' / 'metrics_summary.json'}")
 print(f"  overlay images:            {bundle / 'eval' / 'overlays'}")

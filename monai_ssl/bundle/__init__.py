@@ -1,4 +1,4 @@
-"""Building blocks that the bundle configs share (transform chains, paths, loss-term logging)."""
+"""Building blocks that the bundle configs share (transform chains, paths, loss-term logging, model cards)."""
 
 from .components import (
     IMAGE_SUFFIXES,
@@ -10,6 +10,7 @@ from .components import (
     segmentation_transforms_2d,
     unlabeled_transforms_2d,
 )
+from .model_card import ModelCard, ModelCardWriter
 from .components_3d import (
     VOLUME_SUFFIXES,
     find_volumes,
@@ -22,6 +23,8 @@ from .components_3d import (
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "ModelCard",
+    "ModelCardWriter",
     "SaveMaskd",
     "find_images",
     "inference_transforms_2d",
