@@ -46,14 +46,16 @@ def trained_settings(bundle: str) -> dict[str, Any]:
 def train_and_write_card(bundle: str, root: Path) -> dict[str, Any]:
     """Save a model as train.json would and let train.json's own card writer describe it; return the card."""
     parser = parser_for(bundle, ["train.json"], bundle_root=str(root), dataset_dir=str(root / "data"), **trained_settings(bundle))
-    writer = parser.get_parsed_content("validate#handlers")[-1]
+    handlers = parser.get_parsed_content("validate#handlers")
+    writer, saver = handlers[-1], handlers[1]
     assert isinstance(writer, ModelCardWriter), "train.json's validation handlers end with the model card writer"
+    saver.best, saver.best_epoch = 0.5, 3  # the validation that saved the model (e.g. before a resume)
     model_path = root / "models" / "model.pt"
     model_path.parent.mkdir(parents=True)
     torch.save(parser.get_parsed_content("deploy_network").state_dict(), model_path)
     engine = Engine(lambda e, b: None)
-    engine.state.metrics = {"val_mean_dice": 0.5}
-    engine.state.epoch = 3
+    engine.state.metrics = {"val_mean_dice": 0.25}  # this validation did not improve on it
+    engine.state.epoch = 4
     writer(engine)  # what the evaluator's COMPLETED event does after BestModelSaver
     return json.loads(card_path(model_path).read_text())
 

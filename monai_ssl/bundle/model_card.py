@@ -100,7 +100,10 @@ class ModelCardWriter:
             datalist...); not checked.
         network: the network that is saved, for its class and parameter count.
         preprocessing: the validation preprocessing chain, for the names of its transforms.
-        metric_name: the validation metric recorded with the epoch that produced the model.
+        best_model: the ``BestModelSaver`` that writes ``model_path``: its ``metric_name``, ``best``
+            value and ``best_epoch`` are recorded (right also for a model saved before a resume).
+            Without it the evaluator's current ``metric_name`` value and epoch are recorded.
+        metric_name: the validation metric recorded when there is no ``best_model``.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class ModelCardWriter:
         training: Mapping[str, Any] | None = None,
         network: nn.Module | None = None,
         preprocessing: Any = None,
+        best_model: Any = None,
         metric_name: str = "val_mean_dice",
     ) -> None:
         self.model_path = Path(model_path)
@@ -120,6 +124,7 @@ class ModelCardWriter:
         self.training = _plain(dict(training or {}))
         self.network = _describe_network(network)
         self.preprocessing = _describe_preprocessing(preprocessing)
+        self.best_model = best_model
         self.metric_name = metric_name
         self._written_for: tuple[int, int] | None = None
 
@@ -136,8 +141,13 @@ class ModelCardWriter:
         stat = self.model_path.stat()
         if self._written_for == (stat.st_size, stat.st_mtime_ns):
             return
-        metric = engine.state.metrics.get(self.metric_name)
-        self.write({self.metric_name: None if metric is None else float(metric), "epoch": engine.state.epoch})
+        if self.best_model is not None:
+            best = self.best_model.best
+            validation = {self.best_model.metric_name: None if best is None else float(best), "epoch": self.best_model.best_epoch}
+        else:
+            metric = engine.state.metrics.get(self.metric_name)
+            validation = {self.metric_name: None if metric is None else float(metric), "epoch": engine.state.epoch}
+        self.write(validation)
         self._written_for = (stat.st_size, stat.st_mtime_ns)
 
     def write(self, validation: Mapping[str, Any] | None = None) -> Path:
