@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -29,6 +32,22 @@ from bundle_utils import (
     tiny_stage_overrides,
 )
 from monai_ssl.bundle.conformance import check_metadata
+from monai_ssl.evaluation import training_curves_figure
+
+
+@contextlib.contextmanager
+def captured_log(name: str) -> Iterator[list[str]]:
+    """The messages logged to logger ``name`` inside the block (the bundle's logging.conf replaces
+    the root handlers, pytest's caplog among them, so capture on the logger itself)."""
+    records: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 def build_network(bundle: str) -> torch.nn.Module:
@@ -115,6 +134,14 @@ def test_one_epoch_lowers_the_loss_then_evaluate_and_infer(bundle: str, tmp_path
     build_network(bundle).load_state_dict(state, strict=True)  # bare state dict, loadable strictly
     assert (tmp_path / "runs" / "resume.pt").is_file()
     assert (tmp_path / "runs" / "training_curves.png").is_file()
+    # the model carries the settings it was trained with (models/model.json, next to model.pt)
+    card = json.loads((tmp_path / "models" / "model.json").read_text())
+    assert card["bundle"] == bundle and card["settings"]["spatial_size"] == 64
+    if bundle == "dual_teacher":  # the static teacher's warm-up losses reach the curves too
+        warmup_log = wf.parser.get_parsed_content("stwp").metrics_log
+        assert warmup_log.is_file() and "loss" in warmup_log.read_text()
+        figure = training_curves_figure(tmp_path / "runs" / "metrics.jsonl", warmup_log)
+        assert [ax.get_title() for ax in figure.axes][0] == "warm-up (static teacher)"
 
     # the evaluate overlay merged on train.json: per-case CSV, summary and overlays for the test split
     ev = make_workflow(bundle, ["train.json", "evaluate.json"], **tiny_overrides(tmp_path))
@@ -123,6 +150,7 @@ def test_one_epoch_lowers_the_loss_then_evaluate_and_infer(bundle: str, tmp_path
     ev.finalize()
     summary = json.loads((tmp_path / "eval" / "metrics_summary.json").read_text())
     assert summary["n_cases"] == 4 and 0.0 <= summary["metrics"]["dice"]["mean"] <= 1.0
+    assert summary["split"] == "test"
     assert len(list((tmp_path / "eval" / "overlays").glob("*.png"))) == 4
 
     # inference on a folder of mixed inputs writes one mask per image at the image's own size
@@ -134,11 +162,14 @@ def test_one_epoch_lowers_the_loss_then_evaluate_and_infer(bundle: str, tmp_path
     pixels = np.asarray(Image.open(src))
     nib.save(nib.Nifti1Image(pixels.T.astype(np.float32), np.diag([0.5, 0.5, 1.0, 1.0])), inputs / "frame.nii.gz")
     sitk.WriteImage(sitk.GetImageFromArray(pixels[:40, :50]), str(inputs / "still.dcm"))  # 50 wide, 40 high
-    inf = make_workflow(bundle, ["inference.json"], "inference", bundle_root=str(tmp_path), dataset_dir=str(inputs),
-                        spatial_size=64)
+    # no --spatial_size: inference takes the 64 px the model was trained at from its card (the config says 224)
+    inf = make_workflow(bundle, ["inference.json"], "inference", bundle_root=str(tmp_path), dataset_dir=str(inputs))
+    assert inf.parser.get_parsed_content("spatial_size") == 64
     inf.initialize()
-    inf.run()
+    with captured_log("monai_ssl.evaluation.report") as records:
+        inf.run()
     inf.finalize()
+    assert records[-1] == f"inference wrote 4 masks to {(tmp_path / 'inference').resolve()}"
     out = {p.name: Image.open(p) for p in (tmp_path / "inference").glob("*.png")}
     assert sorted(out) == ["photo_mask.png", "scan_mask.png", "still_mask.png"]
     assert out["photo_mask.png"].size == (90, 70) and out["still_mask.png"].size == (50, 40)

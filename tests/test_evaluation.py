@@ -13,15 +13,18 @@ import torch
 from ignite.engine import Engine, Events
 from PIL import Image
 
+from bundle_utils import BUNDLES_2D, config_path, make_workflow, tiny_overrides
 from monai_ssl.evaluation import (
     EMPTY_CASE_POLICY,
     CaseReportHandler,
     MetricsLogger,
     case_metrics,
+    log_written_masks,
     plot_training_curves,
     read_metrics_log,
     save_overlay,
     summarize,
+    training_curves_figure,
     write_report,
 )
 
@@ -260,6 +263,28 @@ def test_plot_training_curves(tmp_path) -> None:
     assert len(read_metrics_log(log)) == len(lines)
 
 
+def test_training_curves_label_their_axes_and_show_the_warm_up(tmp_path) -> None:
+    log, warmup = tmp_path / "metrics.jsonl", tmp_path / "stwp" / "metrics.jsonl"
+    log.write_text("\n".join(json.dumps(x) for x in [
+        {"epoch": 1, "iteration": 10, "loss": 1.0, "loss_sup": 0.8},
+        {"epoch": 1, "iteration": 10, "val_mean_dice": 0.5},
+    ]) + "\n")
+    warmup.parent.mkdir()
+    warmup.write_text("\n".join(json.dumps({"epoch": 1, "iteration": i, "loss": 2.0 / i}) for i in range(1, 6)) + "\n")
+    fig = training_curves_figure(log, warmup)
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    assert list(panels) == ["warm-up (static teacher)", "training", "validation"]
+    assert panels["validation"].get_ylabel() == "Dice"
+    assert panels["training"].get_ylabel() == panels["warm-up (static teacher)"].get_ylabel() == "loss (log scale)"
+    assert panels["warm-up (static teacher)"].get_xlabel() == "warm-up iteration"
+    warm_line = panels["warm-up (static teacher)"].get_lines()[0]
+    assert list(warm_line.get_xdata()) == [1, 2, 3, 4, 5] and warm_line.get_label() == "loss"
+    # no warm-up log (a bundle without the stage, or a static teacher trained before it logged): two panels
+    assert [ax.get_title() for ax in training_curves_figure(log, tmp_path / "absent.jsonl").axes] == ["training", "validation"]
+    plot_training_curves(log, tmp_path / "curves.png", warmup)
+    assert (tmp_path / "curves.png").is_file()
+
+
 def test_metrics_logger_appends(tmp_path) -> None:
     log = tmp_path / "logs" / "train.jsonl"
 
@@ -341,3 +366,78 @@ def test_case_report_handler_on_supervised_evaluator(tmp_path, caplog) -> None:
     assert summary["metrics"]["dice"]["mean"] == pytest.approx(0.5)
     assert sorted(p.name for p in (tmp_path / "eval" / "overlays").iterdir()) == ["case_a.png", "case_b.png"]
     assert "3 cases: Dice 0.5000" in caplog.text
+
+
+# ------------------------------------------------------------------- one figure, one policy
+def _run_metric(metric, cases: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Value of an ignite metric (e.g. a bundle's ``validate#key_metric``) over (pred, truth) cases."""
+    def step(engine, batch):
+        return [{"pred": torch.from_numpy(p).float()[None], "label": torch.from_numpy(t).float()[None]} for p, t in batch]
+
+    engine = Engine(step)
+    metric.attach(engine, "dice")
+    engine.run([cases[:2], cases[2:]])
+    return float(engine.state.metrics["dice"])
+
+
+@pytest.mark.parametrize("bundle", [*BUNDLES_2D, "dual_network_3d"])
+def test_validation_dice_of_every_bundle_follows_the_empty_case_policy(bundle: str) -> None:
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(config_path(bundle, "train.json"))
+    metric = parser.get_parsed_content("validate#key_metric#val_mean_dice")
+    truth = _square((16, 16), (4, 4), 4)
+    empty = np.zeros((16, 16), bool)
+    cases = [
+        (_square((16, 16), (4, 6), 4), truth),  # dice 0.5
+        (truth, truth),  # 1
+        (truth, empty),  # a false alarm on a lesion-free image: 0 (MONAI's MeanDice leaves it out)
+        (empty, empty),  # both empty: 1
+    ]
+    expected = summarize([case_metrics(p, t) for p, t in cases])["metrics"]["dice"]["mean"]
+    assert expected == pytest.approx(0.625)
+    assert _run_metric(metric, cases) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("bundle", ["supervised"])
+def test_evaluation_prints_one_test_figure(bundle: str, tmp_path) -> None:
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(config_path(bundle, "inference.json"))
+    (tmp_path / "models").mkdir()
+    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "models" / "model.pt")
+    ev = make_workflow(bundle, ["train.json", "evaluate.json"], **tiny_overrides(tmp_path))
+    ev.initialize()
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger().addHandler(handler)  # after the bundle's logging.conf replaced the root handlers
+    try:
+        ev.run()
+    finally:
+        logging.getLogger().removeHandler(handler)
+    evaluator = ev.parser.get_parsed_content("validate#evaluator")
+    assert evaluator.state.metrics == {}, "a second, differently computed Dice figure"
+    assert not [m for m in messages if "val_mean_dice" in m], messages
+    figures = [m for m in messages if "Dice" in m]
+    assert len(figures) == 1 and figures[0].startswith("test split, 4 cases: Dice"), figures
+    summary = json.loads((tmp_path / "eval" / "metrics_summary.json").read_text())
+    assert summary["split"] == "test" and f"Dice {summary['metrics']['dice']['mean']:.4f}" in figures[0]
+
+
+def test_log_written_masks_counts_this_runs_masks_only(tmp_path, caplog) -> None:
+    import os
+    import time
+
+    old = tmp_path / "old_mask.png"
+    old.write_bytes(b"x")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))  # left by an earlier run
+    for name in ("a_mask.png", "b_mask.nii.gz", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    engine = Engine(lambda e, b: None)
+    engine.run([0])
+    with caplog.at_level(logging.INFO, logger="monai_ssl.evaluation.report"):
+        assert log_written_masks(tmp_path, engine) == 2
+    assert f"inference wrote 2 masks to {tmp_path.resolve()}" in caplog.text

@@ -1,5 +1,5 @@
-"""Building blocks that the bundle configs share (transform chains, paths, loss-term logging,
-coercion of command-line settings)."""
+"""Building blocks that the bundle configs share (transform chains, paths, loss-term logging, model
+cards, coercion of command-line settings)."""
 
 from .components import (
     IMAGE_SUFFIXES,
@@ -11,6 +11,7 @@ from .components import (
     segmentation_transforms_2d,
     unlabeled_transforms_2d,
 )
+from .model_card import ModelCard, ModelCardWriter
 from .components_3d import (
     VOLUME_SUFFIXES,
     find_volumes,
@@ -24,6 +25,8 @@ from .settings import as_bool, as_float, as_int, as_size, log_settings
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "ModelCard",
+    "ModelCardWriter",
     "SaveMaskd",
     "find_images",
     "inference_transforms_2d",

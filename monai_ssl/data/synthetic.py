@@ -12,7 +12,11 @@ Two kinds:
   field; uint8 0/1 labels (``labelsTr/<id>.nii.gz``). Every volume has a blob.
 
 ``size`` is the image edge (default 128) for ``us2d`` and the cube edge (default 64) for
-``vol3d``. Labels of the unlabelled cases are written too (for pseudo-label quality analysis)
+``vol3d``. The default ``us2d`` lists are 8 labelled, 32 unlabelled, 16 validation and 32 test
+images (2 and 3 of the last two lesion-free), so that one case moves the test mean Dice by at
+most 1/32 (with 8 test images and its one lesion-free case, a single false alarm moved it by
+0.125); ``vol3d`` keeps 8 validation and 8 test volumes (every volume has a blob, and 3D cases
+cost more). Labels of the unlabelled cases are written too (for pseudo-label quality analysis)
 but are not listed in ``datalist.json``.
 """
 
@@ -40,6 +44,8 @@ __all__ = ["SYNTHETIC_KINDS", "default_cache_dir", "synthetic_dataset"]
 GENERATOR_VERSION = 1
 SYNTHETIC_KINDS: tuple[str, ...] = ("us2d", "vol3d")
 _DEFAULT_SIZE = {"us2d": 128, "vol3d": 64}
+#: Default validation and test list lengths per kind (``n_validation``/``n_test`` left as ``None``).
+_DEFAULT_EVAL_COUNTS = {"us2d": (16, 32), "vol3d": (8, 8)}
 _MIN_SIZE = {"us2d": 32, "vol3d": 16}
 _MARKER = "COMPLETE"
 #: Temp folders of killed runs older than this are removed by later runs.
@@ -241,8 +247,8 @@ def synthetic_dataset(
     root: str | Path | None = None,
     n_labeled: int = 8,
     n_unlabeled: int = 32,
-    n_validation: int = 8,
-    n_test: int = 8,
+    n_validation: int | None = None,
+    n_test: int | None = None,
     size: int | None = None,
     seed: int = 0,
 ) -> str:
@@ -250,7 +256,8 @@ def synthetic_dataset(
 
     The dataset lives in ``root`` (default :func:`default_cache_dir`) under
     ``synthetic_<kind>_s<size>_l<n_labeled>_u<n_unlabeled>_v<n_validation>_t<n_test>_seed<seed>``.
-    ``size`` defaults to 128 (2D edge) for ``"us2d"`` and 64 (cube edge) for ``"vol3d"``.
+    ``size`` defaults to 128 (2D edge) for ``"us2d"`` and 64 (cube edge) for ``"vol3d"``;
+    ``n_validation``/``n_test`` to 16/32 for ``"us2d"`` and 8/8 for ``"vol3d"``.
     A dataset counts as present only with its ``COMPLETE`` marker (written last, matching the
     generator version and parameters); otherwise it is generated into a temp folder next to it and
     renamed into place, so killed or concurrent runs never leave a partial dataset that looks
@@ -259,6 +266,8 @@ def synthetic_dataset(
     if kind not in SYNTHETIC_KINDS:
         raise ValueError(f"unknown synthetic kind {kind!r}; choose one of {SYNTHETIC_KINDS}")
     size = _DEFAULT_SIZE[kind] if size is None else int(size)
+    n_validation = _DEFAULT_EVAL_COUNTS[kind][0] if n_validation is None else n_validation
+    n_test = _DEFAULT_EVAL_COUNTS[kind][1] if n_test is None else n_test
     if size < _MIN_SIZE[kind]:
         raise ValueError(f"synthetic {kind}: size={size} is too small (minimum {_MIN_SIZE[kind]})")
     counts = {"labeled": n_labeled, "unlabeled": n_unlabeled, "validation": n_validation, "test": n_test}

@@ -48,6 +48,7 @@ from monai.utils import set_determinism
 from torch import nn
 
 from monai_ssl.data.datalist import load_datalist
+from monai_ssl.evaluation.handlers import MetricsLogger
 from monai_ssl.foundation.appearance import DEFAULT_PROMPTS
 from monai_ssl.foundation.interfaces import AutocastSegmenter, BoxProposer, PromptableSegmenter, bf16_supported
 from monai_ssl.handlers.checkpoint import ResumeCheckpoint, atomic_torch_save, is_rank0, unwrap
@@ -360,6 +361,11 @@ class StaticTeacherWarmup:
         self.digest = json.loads(self.weights_path.with_suffix(".json").read_text(encoding="utf-8"))["config_hash"]
         return freeze(self.network)
 
+    @property
+    def metrics_log(self) -> Path | None:
+        """The warm-up's loss log (``work_dir/<hash prefix>/metrics.jsonl``) of the static teacher in use, once run."""
+        return None if self.digest is None else self.work_dir / self.digest[:12] / "metrics.jsonl"
+
     def state_dict(self) -> dict[str, Any]:
         """The settings hash of the static teacher in use, for the next stage's resume checkpoint."""
         if self.digest is None:
@@ -418,6 +424,7 @@ class StaticTeacherWarmup:
             optim_set_to_none=True,
         )
         work_dir = self.work_dir / artifact.digest[:12]
+        MetricsLogger(work_dir / "metrics.jsonl", log_every=1).attach(trainer)  # the warm-up's losses, for training_curves.png
         ResumeCheckpoint(
             save_dir=str(work_dir), save_dict={"network": self.network, "optimizer": optimizer, "trainer": trainer}
         ).attach(trainer)

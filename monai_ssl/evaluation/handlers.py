@@ -208,7 +208,8 @@ class CaseReportHandler:
     :func:`~monai_ssl.evaluation.report.write_report` to ``output_dir`` and a one-line
     summary is logged; the summary is also kept in :attr:`summary`. Records reset when the
     engine starts. Under ``torch.distributed`` records are gathered to rank 0 and only rank 0
-    writes overlays and the report.
+    writes overlays and the report. ``split`` (the datalist key evaluated, e.g. ``"test"``) names
+    the figures in the log line and the summary JSON.
     """
 
     def __init__(
@@ -221,8 +222,10 @@ class CaseReportHandler:
         image_key: str = "image",
         label_key: str = "label",
         pred_key: str = "pred",
+        split: str | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.split = split
         self.overlay_count = overlay_count
         self.spacing_key = spacing_key
         self.threshold = threshold
@@ -316,11 +319,11 @@ class CaseReportHandler:
         if not records:
             logger.warning("CaseReportHandler: no cases were evaluated; no report written")
             return
-        self.summary = write_report(records, self.output_dir, self.prefix)
+        self.summary = write_report(records, self.output_dir, self.prefix, split=self.split)
         m = self.summary["metrics"]
         logger.info(
-            "%d cases: Dice %.4f ± %.4f, IoU %.4f ± %.4f, HD95 %.2f ± %.2f px; empty cases %s -> %s",
-            self.summary["n_cases"], m["dice"]["mean"], m["dice"]["std"], m["iou"]["mean"], m["iou"]["std"],
+            "%s%d cases: Dice %.4f ± %.4f, IoU %.4f ± %.4f, HD95 %.2f ± %.2f px; empty cases %s -> %s",
+            f"{self.split} split, " if self.split else "", self.summary["n_cases"], m["dice"]["mean"], m["dice"]["std"], m["iou"]["mean"], m["iou"]["std"],
             m["hd95"]["mean"], m["hd95"]["std"], self.summary["empty_cases"], self.output_dir,
         )
 

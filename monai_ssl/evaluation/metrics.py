@@ -20,7 +20,9 @@ distances are exact Euclidean distance transforms
 (:func:`scipy.ndimage.distance_transform_edt`) between voxel centres.
 
 The empty-case policy is given by :data:`EMPTY_CASE_POLICY` and every result
-carries an ``empty_case`` key naming which branch applied.
+carries an ``empty_case`` key naming which branch applied. :class:`PolicyMeanDice` is the
+ignite metric with the same policy, for the bundles' validation (model selection) and anything
+else that reports a mean Dice from an evaluator, so that one figure means one thing.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.handlers import IgniteMetricHandler
+from monai.metrics import DiceMetric
 from scipy import ndimage
 
-__all__ = ["EMPTY_CASE_POLICY", "EMPTY_CASES", "case_metrics", "summarize"]
+__all__ = ["EMPTY_CASE_POLICY", "EMPTY_CASES", "PolicyMeanDice", "case_metrics", "summarize"]
 
 EMPTY_CASES: tuple[str, ...] = ("none", "both_empty", "pred_empty", "truth_empty")
 """Values of the ``empty_case`` key, in reporting order."""
@@ -188,3 +192,26 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         for key, v in values.items()
     }
     return {"n_cases": len(records), "metrics": metrics, "empty_cases": counts}
+
+
+class PolicyMeanDice(IgniteMetricHandler):
+    """Mean Dice over cases for an evaluator, under :data:`EMPTY_CASE_POLICY`.
+
+    MONAI's ``MeanDice`` handler leaves out every case whose truth is empty (its ``DiceMetric``
+    has ``ignore_empty=True``), so a false alarm on a lesion-free image never lowers it. This
+    metric counts such a case as Dice 0 and an empty prediction of an empty truth as Dice 1, as
+    :func:`case_metrics` does: on binarised ``(pred, label)`` batches (one foreground channel, or
+    the argmax of two classes) its value equals the mean ``dice`` of the per-case report.
+
+    Args:
+        output_transform: maps the evaluator's output to ``(y_pred, y)``, e.g.
+            ``monai.handlers.from_engine(["pred", "label"])``.
+        save_details: keep the per-case values in ``engine.state.metric_details``.
+    """
+
+    def __init__(self, output_transform: Any = lambda x: x, save_details: bool = True) -> None:
+        super().__init__(
+            metric_fn=DiceMetric(include_background=True, reduction="mean", ignore_empty=False),
+            output_transform=output_transform,
+            save_details=save_details,
+        )
