@@ -390,6 +390,17 @@ def _png(path: Path, array: np.ndarray, mode: str = "L") -> None:
     Image.fromarray(array, mode).save(path)
 
 
+def test_prepare_keeps_the_contrast_of_a_16_bit_image(tmp_path: Path, prepare_data: ModuleType) -> None:
+    # PIL's convert("L") clipped a 1000..5000 16-bit image to a constant 255
+    src = tmp_path / "deep.png"
+    Image.fromarray(np.tile(np.linspace(1000, 5000, 40), (30, 1)).astype(np.uint16)).save(src)
+    prepare_data._write_gray_png(src, tmp_path / "out.png")
+    with Image.open(tmp_path / "out.png") as im:
+        out = np.asarray(im)
+        assert im.mode == "L"
+    assert out.min() == 0 and out.max() == 255 and len(np.unique(out[0])) == 40 and np.all(np.diff(out[0].astype(int)) > 0)
+
+
 def test_prepare_busi_unions_masks(tmp_path: Path, prepare_data: ModuleType) -> None:
     src, out = tmp_path / "Dataset_BUSI_with_GT", tmp_path / "out"
     rgb = np.full((20, 30, 3), 100, np.uint8)
