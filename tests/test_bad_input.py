@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from bundle_utils import error_messages
+from bundle_utils import REPO_ROOT, config_path, error_messages
 from monai_ssl.bundle import find_images, inference_transforms_2d, segmentation_transforms_2d, unlabeled_transforms_2d
 from monai_ssl.data.transforms import MIN_IMAGE_SIZE_2D
 from monai_ssl.pseudo.appg import read_gray8
@@ -164,3 +168,34 @@ def test_tiny_image_is_refused_at_load_in_training_and_inference(tmp_path: Path,
     ok = _pair(tmp_path, np.full((MIN_IMAGE_SIZE_2D, MIN_IMAGE_SIZE_2D), 90, np.uint8),
                np.zeros((MIN_IMAGE_SIZE_2D, MIN_IMAGE_SIZE_2D), np.uint8), name="smallest")
     assert tuple(segmentation_transforms_2d(64)(ok)["image"].shape) == (1, 64, 64)
+
+
+# --------------------------------------------------------- inference over a folder with a bad file
+def test_inference_skips_a_bad_file_processes_the_rest_and_exits_nonzero(tmp_path: Path) -> None:
+    from monai_ssl.networks import ResNetUNet
+
+    torch.manual_seed(0)
+    (tmp_path / "models").mkdir()
+    torch.save(ResNetUNet(spatial_dims=2, in_channels=1, out_channels=1, backbone="resnet18").state_dict(),
+               tmp_path / "models" / "model.pt")
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "a_broken.png").write_bytes(b"")  # sorts first: the old run aborted before any mask
+    for name, value in (("b_scan", 80), ("c_scan", 160)):
+        Image.fromarray(_ramp(0, value, np.uint8, (40, 50))).save(inputs / f"{name}.png")
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run",
+        "--config_file", config_path("supervised", "inference.json"),
+        "--meta_file", config_path("supervised", "metadata.json"),
+        "--logging_file", config_path("supervised", "logging.conf"),
+        f"--bundle_root={tmp_path}", f"--dataset_dir={inputs}", "--spatial_size=64", "--network_def#backbone=resnet18",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert sorted(p.name for p in (tmp_path / "inference").iterdir()) == ["b_scan_mask.png", "c_scan_mask.png"], output
+    summary = result.stderr.strip().splitlines()[-2:]  # the last lines: the summary, not a traceback
+    assert summary[0].startswith("inference skipped 1 of 3 image(s)"), output
+    assert str(inputs / "a_broken.png") in summary[1] and "empty (0 bytes)" in summary[1], output
+    assert "Traceback" not in result.stderr, output
