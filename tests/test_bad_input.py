@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Events
 from PIL import Image
 
-from bundle_utils import REPO_ROOT, config_path, error_messages
+from bundle_utils import REPO_ROOT, config_path, error_messages, make_workflow, tiny_overrides
 from monai_ssl.bundle import find_images, inference_transforms_2d, segmentation_transforms_2d, unlabeled_transforms_2d
+from monai_ssl.data import synthetic_dataset
 from monai_ssl.data.transforms import MIN_IMAGE_SIZE_2D
 from monai_ssl.pseudo.appg import read_gray8
 
@@ -199,3 +203,56 @@ def test_inference_skips_a_bad_file_processes_the_rest_and_exits_nonzero(tmp_pat
     assert summary[0].startswith("inference skipped 1 of 3 image(s)"), output
     assert str(inputs / "a_broken.png") in summary[1] and "empty (0 bytes)" in summary[1], output
     assert "Traceback" not in result.stderr, output
+
+
+# ------------------------------------------------------------------------- empty datalist lists
+def _datalist_with(dataset_dir: str, dest: Path, **lists: list) -> Path:
+    """A copy of ``dataset_dir``'s datalist with some lists replaced (e.g. ``unlabeled=[]``)."""
+    content = json.loads(Path(dataset_dir, "datalist.json").read_text())
+    content.update(lists)
+    dest.write_text(json.dumps(content))
+    return dest
+
+
+def _tiny_3d(bundle_root: Path) -> dict[str, Any]:
+    """dual_network_3d overrides for a run of seconds (as tests/test_bundle_dual_network_3d.py)."""
+    return {
+        "bundle_root": str(bundle_root),
+        "dataset_dir": synthetic_dataset("vol3d", n_labeled=4, n_unlabeled=4, n_validation=2, n_test=2, size=32),
+        "crop_size": [32, 32, 32], "sw_roi_size": [32, 32, 32], "sw_stride": [16, 16, 16],
+        "max_iterations": 2, "epoch_length": 2, "amp": False, "n_filters": 4, "resnet_layers": [1, 1, 1, 1],
+    }
+
+
+@pytest.mark.parametrize("bundle", ["mean_teacher", "dual_teacher", "dual_network_3d"])
+def test_empty_unlabelled_list_trains_supervised_with_a_warning(bundle: str, tmp_path: Path) -> None:
+    overrides = _tiny_3d(tmp_path) if bundle == "dual_network_3d" else tiny_overrides(tmp_path, epoch_length=2)
+    overrides["datalist"] = str(_datalist_with(overrides["dataset_dir"], tmp_path / "datalist.json", unlabeled=[]))
+    if bundle == "dual_teacher":
+        overrides["appg_dir"] = str(tmp_path / "appg")  # not the tests' shared store
+    wf = make_workflow(bundle, ["train.json"], **overrides)
+    wf.initialize()
+    unlabelled_batches: list[bool] = []
+    with pytest.warns(UserWarning, match="no unlabelled data"):
+        trainer = wf.parser.get_parsed_content("train#trainer")
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: unlabelled_batches.append(trainer.unlabeled_data_loader is not None))
+    wf.run()
+    assert unlabelled_batches and not any(unlabelled_batches)
+    assert (tmp_path / "models" / "model.pt").is_file()
+    if bundle == "dual_teacher":  # APPG had nothing to label: skipped, no pseudo-label store, no static teacher
+        assert not (tmp_path / "appg").exists() and not (tmp_path / "models" / "static_teacher.pt").exists()
+
+
+def test_empty_validation_list_is_an_error_at_start_naming_the_datalist(tmp_path: Path) -> None:
+    overrides = tiny_overrides(tmp_path)
+    datalist = _datalist_with(overrides["dataset_dir"], tmp_path / "no_val.json", validation=[])
+    wf = make_workflow("supervised", ["train.json"], **{**overrides, "datalist": str(datalist)})
+    iterations: list[int] = []
+    with pytest.raises(Exception) as info:
+        wf.initialize()
+        wf.parser.get_parsed_content("train#trainer").add_event_handler(
+            Events.ITERATION_COMPLETED, lambda e: iterations.append(e.state.iteration))
+        wf.run()
+    text = _error_chain(info.value)
+    assert str(datalist) in text and "'validation'" in text and "empty" in text, text
+    assert iterations == [] and not (tmp_path / "models" / "model.pt").exists()

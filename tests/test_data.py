@@ -147,6 +147,16 @@ def test_load_datalist_key_and_emptiness_rules(tmp_path: Path) -> None:
         load_datalist(tmp_path / "nope.json", tmp_path, "labeled")
 
 
+def test_load_datalist_refuses_an_empty_validation_list(tmp_path: Path) -> None:
+    _touch(tmp_path, "a.png", "a_mask.png")
+    path = tmp_path / "dl.json"
+    save_datalist(path, {"labeled": [{"image": "a.png", "label": "a_mask.png"}], "validation": [], "test": []})
+    with pytest.raises(DatalistError, match="no cases under key 'validation'") as ei:
+        load_datalist(path, tmp_path, "validation")
+    assert str(path) in str(ei.value)
+    assert load_datalist(path, tmp_path, "test") == []  # an empty test list is allowed (nothing to evaluate)
+
+
 # ------------------------------------------------------------------------------ protocol split
 def _entries(n: int) -> list[dict[str, str]]:
     return [{"image": f"images/c{i:04d}.png", "label": f"labels/c{i:04d}.png"} for i in range(n)]

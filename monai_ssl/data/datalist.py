@@ -93,7 +93,7 @@ def load_datalist(
     added when absent. Raises :class:`DatalistError` (naming the file, the key and every bad
     entry) for an unknown key, an absolute or escaping path, missing files (all of them are
     listed), entries without ``image`` (or without ``label`` under ``labeled``/``validation``),
-    and an empty ``labeled`` list. An empty ``unlabeled`` list is returned as ``[]``.
+    and an empty ``labeled`` or ``validation`` list. An empty ``unlabeled`` list is returned as ``[]``.
     ``..`` is resolved lexically, so symbolic links inside the dataset dir stay allowed.
     """
     datalist_path = Path(datalist_path)
@@ -114,6 +114,11 @@ def load_datalist(
     entries = content[key]
     if not entries and key == "labeled":
         raise DatalistError(f"datalist file {datalist_path}: no labelled cases under key 'labeled' (the list is empty)")
+    if not entries and key == "validation":
+        raise DatalistError(
+            f"datalist file {datalist_path}: no cases under key 'validation' (the list is empty); training selects "
+            "and saves models/model.pt by validation Dice, so it needs at least one labelled validation case"
+        )
 
     root = os.path.normpath(os.path.abspath(os.path.expanduser(str(dataset_dir))))
     hint = f" (expected: {content['dataset_dir_hint']})" if content.get("dataset_dir_hint") else ""
