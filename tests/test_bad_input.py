@@ -205,6 +205,29 @@ def test_inference_skips_a_bad_file_processes_the_rest_and_exits_nonzero(tmp_pat
     assert "Traceback" not in result.stderr, output
 
 
+def test_3d_inference_uses_the_same_skip_and_report(tmp_path: Path) -> None:
+    from monai_ssl.inference import SkippedCasesExit
+    from monai_ssl.networks import DualNetwork3D
+
+    tiny = {"n_filters": 4, "resnet_layers": [1, 1, 1, 1]}
+    torch.manual_seed(0)
+    (tmp_path / "models").mkdir()
+    torch.save(DualNetwork3D(in_channels=1, num_classes=2, **tiny).state_dict(), tmp_path / "models" / "model.pt")
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((32, 32, 24)).astype(np.float32), np.eye(4)),
+             inputs / "good.nii.gz")
+    (inputs / "broken.nii.gz").write_bytes(b"\x1f\x8b truncated")
+    wf = make_workflow("dual_network_3d", ["inference.json"], "inference", bundle_root=str(tmp_path),
+                       dataset_dir=str(inputs), sw_roi_size=[32, 32, 32], sw_stride=[16, 16, 16], **tiny)
+    wf.initialize()
+    with pytest.raises(SkippedCasesExit) as info:
+        wf.run()
+    assert [name for name, _ in info.value.failures] == [str(inputs / "broken.nii.gz")]
+    assert "not a readable image" in info.value.failures[0][1]
+    assert sorted(p.name for p in (tmp_path / "inference").iterdir()) == ["good_mask.nii.gz"]
+
+
 # ------------------------------------------------------------------------- empty datalist lists
 def _datalist_with(dataset_dir: str, dest: Path, **lists: list) -> Path:
     """A copy of ``dataset_dir``'s datalist with some lists replaced (e.g. ``unlabeled=[]``)."""
