@@ -157,7 +157,7 @@ def test_rgb_mask_is_named_at_load(tmp_path: Path) -> None:
     with pytest.raises(Exception) as info:
         segmentation_transforms_2d(64)(dict(case, case_id="rgbmask_case"))
     text = _error_chain(info.value)
-    assert "rgbmask_case" in text and "'label' has 3 channels" in text and "single-channel" in text, text
+    assert "rgbmask_case" in text and f"'label' ({case['label']}) has 3 channels" in text and "single-channel" in text, text
 
 
 @pytest.mark.parametrize("shape", [(50, 1), (1, 50), (12, 80)])

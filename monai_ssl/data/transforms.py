@@ -156,9 +156,11 @@ class ValidateCased(MapTransform):
                         f"out of {t.numel()}"
                     )
             if self.binary_label and key in self.label_keys and t.shape[0] != 1:
+                source = t.meta.get("filename_or_obj") if isinstance(t, MetaTensor) else None
                 raise CaseError(
-                    f"{name}: {key!r} has {t.shape[0]} channels (shape {tuple(t.shape)}); a binary mask must be a "
-                    "single-channel image (e.g. an 8-bit gray PNG with 0 = background), not RGB/RGBA"
+                    f"{name}: {key!r}{f' ({source})' if source else ''} has {t.shape[0]} channels (shape "
+                    f"{tuple(t.shape)}); a binary mask must be a single-channel image (e.g. an 8-bit gray PNG "
+                    "with 0 = background), not RGB/RGBA"
                 )
             if self.binary_label and key in self.label_keys:
                 values = torch.unique(t.detach().reshape(-1))
