@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from monai_ssl.data.readers import read_gray_uint8  # noqa: E402
 from monai_ssl.utils import atomic_path  # noqa: E402
 
 
@@ -80,15 +81,16 @@ def _write_gray_png(src: Path, dst: Path) -> None:
     """Write ``src`` to ``dst`` as an 8-bit grayscale PNG.
 
     An 8-bit grayscale PNG source is copied byte for byte (fast, and exactly the same pixels);
-    anything else (RGB, palette, 16-bit, other formats) is converted with PIL's "L" luminance.
+    other 8-bit images (RGB, palette, other formats) are converted with PIL's "L" luminance, and
+    16/32-bit or float ones are min-max scaled to 0..255 (``read_gray_uint8``; "L" would clip them).
     """
     try:
         with Image.open(src) as im:
             if im.format == "PNG" and im.mode == "L":
                 _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
             else:
-                _save_png(dst, np.asarray(im.convert("L")))
-    except OSError as e:
+                _save_png(dst, read_gray_uint8(src))
+    except (OSError, ValueError) as e:
         raise PrepareError(f"cannot read image {src}: {e}") from e
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +72,9 @@ def make_workflow(bundle: str, configs: list[str], workflow_type: str = "train",
 
 
 def dataset_with_missing_image(src: str | Path, dest: Path, missing: str) -> Path:
-    """``dest``: the dataset at ``src`` (its folders symlinked) whose datalist's first labelled
-    image is replaced by the path ``missing``, which does not exist; returns ``dest``."""
+    """``dest``: a copy of the dataset at ``src`` whose datalist's first labelled image is
+    replaced by the path ``missing``, which does not exist; returns ``dest``. (A copy, not
+    symbolic links: links that leave the dataset dir are refused by ``load_datalist``.)"""
     src = Path(src)
     dest.mkdir()
     datalist = json.loads((src / "datalist.json").read_text())
@@ -81,5 +82,5 @@ def dataset_with_missing_image(src: str | Path, dest: Path, missing: str) -> Pat
     (dest / "datalist.json").write_text(json.dumps(datalist))
     for sub in src.iterdir():
         if sub.is_dir():
-            os.symlink(sub, dest / sub.name)
+            shutil.copytree(sub, dest / sub.name)
     return dest

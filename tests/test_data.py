@@ -147,6 +147,40 @@ def test_load_datalist_key_and_emptiness_rules(tmp_path: Path) -> None:
         load_datalist(tmp_path / "nope.json", tmp_path, "labeled")
 
 
+def test_load_datalist_refuses_an_empty_validation_list(tmp_path: Path) -> None:
+    _touch(tmp_path, "a.png", "a_mask.png")
+    path = tmp_path / "dl.json"
+    save_datalist(path, {"labeled": [{"image": "a.png", "label": "a_mask.png"}], "validation": [], "test": []})
+    with pytest.raises(DatalistError, match="no cases under key 'validation'") as ei:
+        load_datalist(path, tmp_path, "validation")
+    assert str(path) in str(ei.value)
+    assert load_datalist(path, tmp_path, "test") == []  # an empty test list is allowed (nothing to evaluate)
+
+
+def test_load_datalist_refuses_symlinks_that_leave_the_dataset_dir(tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere"
+    _touch(outside, "secret.png", "folder/b.png")
+    data = tmp_path / "ds"
+    _touch(data, "images/a.png", "labels/a.png")
+    (data / "images" / "linked.png").symlink_to(outside / "secret.png")  # a file link leading out
+    (data / "outside_folder").symlink_to(outside / "folder", target_is_directory=True)  # a folder link leading out
+    (data / "images" / "alias.png").symlink_to(data / "images" / "a.png")  # a link that stays inside: fine
+    path = tmp_path / "dl.json"
+    entries = [{"image": "images/linked.png"}, {"image": "outside_folder/b.png"}, {"image": "images/alias.png"}]
+    save_datalist(path, {"labeled": [], "unlabeled": entries})
+    with pytest.raises(DatalistError) as ei:
+        load_datalist(path, data, "unlabeled")
+    msg = str(ei.value)
+    assert "2 bad entries" in msg and "symbolic link" in msg, msg
+    assert "entry 0 image: path 'images/linked.png'" in msg and str(outside / "secret.png") in msg, msg
+    assert "entry 1 image: path 'outside_folder/b.png'" in msg and "alias.png" not in msg, msg
+    save_datalist(path, {"labeled": [], "unlabeled": entries[2:]})
+    assert [e["image"] for e in load_datalist(path, data, "unlabeled")] == [str(data / "images" / "alias.png")]
+    linked_root = tmp_path / "ds_link"  # a dataset dir that is itself a link is fine
+    linked_root.symlink_to(data, target_is_directory=True)
+    assert load_datalist(path, linked_root, "unlabeled")[0]["image"] == str(linked_root / "images" / "alias.png")
+
+
 # ------------------------------------------------------------------------------ protocol split
 def _entries(n: int) -> list[dict[str, str]]:
     return [{"image": f"images/c{i:04d}.png", "label": f"labels/c{i:04d}.png"} for i in range(n)]
@@ -391,6 +425,17 @@ def test_h5_reader_round_trip(tmp_path: Path) -> None:
 def _png(path: Path, array: np.ndarray, mode: str = "L") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array, mode).save(path)
+
+
+def test_prepare_keeps_the_contrast_of_a_16_bit_image(tmp_path: Path, prepare_data: ModuleType) -> None:
+    # PIL's convert("L") clipped a 1000..5000 16-bit image to a constant 255
+    src = tmp_path / "deep.png"
+    Image.fromarray(np.tile(np.linspace(1000, 5000, 40), (30, 1)).astype(np.uint16)).save(src)
+    prepare_data._write_gray_png(src, tmp_path / "out.png")
+    with Image.open(tmp_path / "out.png") as im:
+        out = np.asarray(im)
+        assert im.mode == "L"
+    assert out.min() == 0 and out.max() == 255 and len(np.unique(out[0])) == 40 and np.all(np.diff(out[0].astype(int)) > 0)
 
 
 def test_prepare_busi_unions_masks(tmp_path: Path, prepare_data: ModuleType) -> None:

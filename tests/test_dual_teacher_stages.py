@@ -70,6 +70,9 @@ class _FixedAPPG:
         self.n_valid = n_valid
         self.calls = 0
 
+    def image_count(self) -> int:
+        return self.n_valid + 1
+
     def run(self) -> Path:
         self.calls += 1
         data = Path(tiny_dataset_dir())

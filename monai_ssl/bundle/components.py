@@ -18,7 +18,6 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
     MapTransform,
     RandAffined,
     RandFlipd,
@@ -27,7 +26,15 @@ from monai.transforms import (
     ScaleIntensityd,
 )
 
-from monai_ssl.data.transforms import BinarizeLabeld, SqueezeSpatiald, ToGrayscaled, ValidateCased
+from monai_ssl.data.readers import pil_full_depth
+from monai_ssl.data.transforms import (
+    MIN_IMAGE_SIZE_2D,
+    BinarizeLabeld,
+    LoadImageCased,
+    SqueezeSpatiald,
+    ToGrayscaled,
+    ValidateCased,
+)
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -50,21 +57,22 @@ def resolve_bundle_root(name: str) -> str:
     return str(candidate.resolve() if candidate.is_dir() else Path(".").resolve())
 
 
-def _loader(keys: Sequence[str]) -> LoadImaged:
+def _loader(keys: Sequence[str]) -> LoadImageCased:
     # MONAI's readers and their [x, y] index order for every format (PNG/JPG through PIL, NIfTI
-    # through nibabel, DICOM through ITK), so all formats reach the network alike
-    return LoadImaged(keys=keys, reader=[PILReader(converter=_to_8bit_or_gray)], image_only=True)
-
-
-def _to_8bit_or_gray(image: Any) -> Any:
-    """PIL converter: palette/1-bit/16-bit images to 8-bit gray; RGB(A) are kept (ToGrayscaled handles them)."""
-    return image.convert("L") if image.mode in ("P", "1", "LA", "I;16", "I") else image
+    # through nibabel, DICOM through ITK), so all formats reach the network alike; 16/32-bit
+    # images keep every bit (pil_full_depth), and a file that cannot be read raises an error
+    # naming it and saying why
+    return LoadImageCased(keys=keys, reader=[PILReader(converter=pil_full_depth)], image_only=True)
 
 
 def _chain_2d(
     keys: Sequence[str], label_key: str | None, spatial_size: int | Sequence[int], augment: bool
 ) -> Compose:
-    """Load, check (naming the case on error), scale to [0, 1], resize, optionally augment."""
+    """Load, check (naming the case on error), scale to [0, 1], resize, optionally augment.
+
+    Every image and mask must be at least :data:`~monai_ssl.data.transforms.MIN_IMAGE_SIZE_2D`
+    pixels a side (checked at load, so training and inference refuse the same files).
+    """
     keys = list(keys)
     image_key = keys[0]
     modes = ["bilinear" if k != label_key else "nearest" for k in keys]
@@ -73,7 +81,15 @@ def _chain_2d(
         EnsureChannelFirstd(keys=keys),
         SqueezeSpatiald(keys=keys),
         ToGrayscaled(keys=image_key),
-        ValidateCased(keys=keys, binary_label=label_key is not None, check_finite=True),
+        ValidateCased(
+            keys=keys,
+            binary_label=label_key is not None,
+            label_keys=[label_key] if label_key is not None else [],
+            check_finite=True,
+            min_spatial_size=(MIN_IMAGE_SIZE_2D, MIN_IMAGE_SIZE_2D),
+            min_size_hint=f"the 2D bundles need at least {MIN_IMAGE_SIZE_2D} px a side (MIN_IMAGE_SIZE_2D): "
+            "is this a thumbnail, a 1-D profile or a broken export?",
+        ),
     ]
     if label_key is not None:
         transforms.append(BinarizeLabeld(keys=label_key))

@@ -19,7 +19,6 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
     NormalizeIntensityd,
     RandCropByPosNegLabeld,
     RandFlipd,
@@ -28,7 +27,7 @@ from monai.transforms import (
 )
 
 from monai_ssl.data.readers import H5VolumeReader
-from monai_ssl.data.transforms import BinarizeLabeld, ValidateCased
+from monai_ssl.data.transforms import BinarizeLabeld, LoadImageCased, ValidateCased
 from monai_ssl.inference.sliding_window import SlidingWindowPreset, make_sliding_window_inferer
 
 __all__ = [
@@ -58,10 +57,11 @@ def _triple(size: int | Sequence[int], name: str) -> tuple[int, int, int]:
 
 
 def _load(keys: Sequence[str]) -> list:
-    """One ``LoadImaged`` per key: an h5 file gives its ``image`` / ``label`` dataset, NIfTI is read by nibabel."""
+    """One loader per key: an h5 file gives its ``image`` / ``label`` dataset, NIfTI is read by nibabel;
+    an unreadable file raises an error naming it (:class:`~monai_ssl.data.transforms.LoadImageCased`)."""
     loaders = []
     for k in keys:
-        loader = LoadImaged(keys=k, image_only=True)  # MONAI's readers, picked by file suffix
+        loader = LoadImageCased(keys=k, image_only=True)  # MONAI's readers, picked by file suffix
         loader.register(H5VolumeReader(dataset="label" if k == "label" else "image"))
         loaders.append(loader)
     return loaders

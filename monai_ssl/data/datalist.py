@@ -81,6 +81,14 @@ def _resolve_entry_path(rel: Any, root: str, where: str, problems: list[str]) ->
     if os.path.commonpath([root, full]) != root:
         problems.append(f"{where}: path {rel!r} escapes the dataset dir {root}")
         return None
+    # then follow symbolic links: a link (the file's or a folder's on its way) may not lead out either
+    real_root, real = os.path.realpath(root), os.path.realpath(full)
+    if os.path.commonpath([real_root, real]) != real_root:
+        problems.append(
+            f"{where}: path {rel!r} leads out of the dataset dir {root} through a symbolic link (to {real}); "
+            "copy the file into the dataset dir or point dataset_dir at the folder that holds it"
+        )
+        return None
     return full
 
 
@@ -93,8 +101,11 @@ def load_datalist(
     added when absent. Raises :class:`DatalistError` (naming the file, the key and every bad
     entry) for an unknown key, an absolute or escaping path, missing files (all of them are
     listed), entries without ``image`` (or without ``label`` under ``labeled``/``validation``),
-    and an empty ``labeled`` list. An empty ``unlabeled`` list is returned as ``[]``.
-    ``..`` is resolved lexically, so symbolic links inside the dataset dir stay allowed.
+    and an empty ``labeled`` or ``validation`` list. An empty ``unlabeled`` (or ``test``) list
+    is returned as ``[]``. A path may not leave ``dataset_dir``, neither with ``..`` nor through
+    a symbolic link: it is checked as written, then with every link resolved (links that stay
+    inside the dataset dir, and a dataset dir that is itself a link, are fine). The returned
+    paths are as written (``dataset_dir`` joined, ``..`` collapsed), links not resolved.
     """
     datalist_path = Path(datalist_path)
     try:
@@ -114,6 +125,11 @@ def load_datalist(
     entries = content[key]
     if not entries and key == "labeled":
         raise DatalistError(f"datalist file {datalist_path}: no labelled cases under key 'labeled' (the list is empty)")
+    if not entries and key == "validation":
+        raise DatalistError(
+            f"datalist file {datalist_path}: no cases under key 'validation' (the list is empty); training selects "
+            "and saves models/model.pt by validation Dice, so it needs at least one labelled validation case"
+        )
 
     root = os.path.normpath(os.path.abspath(os.path.expanduser(str(dataset_dir))))
     hint = f" (expected: {content['dataset_dir_hint']})" if content.get("dataset_dir_hint") else ""

@@ -15,10 +15,29 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import LoadImaged, MapTransform
 from monai.utils import ensure_tuple
 
-__all__ = ["BinarizeLabeld", "CaseError", "SqueezeSpatiald", "ToGrayscaled", "ValidateCased", "case_name"]
+from monai_ssl.data.readers import unreadable_reason
+
+__all__ = [
+    "BinarizeLabeld",
+    "CaseError",
+    "LoadImageCased",
+    "MIN_IMAGE_SIZE_2D",
+    "SqueezeSpatiald",
+    "ToGrayscaled",
+    "ValidateCased",
+    "case_name",
+]
+
+#: Smallest side (pixels) of a 2D image or mask the 2D bundles accept. The chain resizes every
+#: image to ``spatial_size`` (128-224 px), so a side under 16 px would be stretched more than
+#: 8-14 times: the mask drawn on it would be invented, not segmented (and a 1-px-wide image
+#: trained silently, then failed in MONAI's PNG writer at inference). No ultrasound, CT or
+#: MRI slice is that small (the smallest of the 2233 BUSI/DDTI files in ../shared/data is
+#: 156 px a side); such a file is a thumbnail, a 1-D profile or a broken export.
+MIN_IMAGE_SIZE_2D = 16
 
 #: ITU-R BT.601 luma weights (the same as PIL's "L" conversion).
 _LUMA = (0.299, 0.587, 0.114)
@@ -55,12 +74,42 @@ def _as_tensor(value: Any, name: str, key: Hashable) -> torch.Tensor:
     raise CaseError(f"{name}: {key!r} must be a tensor or numpy array after loading, got {type(value).__name__}")
 
 
+class LoadImageCased(LoadImaged):
+    """``LoadImaged`` whose failure raises :class:`CaseError` naming the case, the key and the file.
+
+    The message says the file is not a readable image and why (missing, empty, truncated, not
+    an image: :func:`monai_ssl.data.readers.unreadable_reason`), instead of MONAI's "cannot
+    find a suitable reader ... install the reader libraries". Every ``LoadImaged`` argument works.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
+        """Load every key as ``LoadImaged`` does; a failing key raises a CaseError naming its file."""
+        try:
+            return super().__call__(data, reader)
+        except Exception as err:
+            d = dict(data)
+            case_id = d.get("case_id")
+            for key in self.key_iterator(d):
+                try:
+                    self._loader(d[key], reader)
+                except Exception as key_err:  # noqa: BLE001 - re-raised with the file and the reason
+                    who = f"case {case_id!r}: " if case_id is not None else ""
+                    error = CaseError(
+                        f"{who}{key!r} file {d[key]} is not a readable image: {unreadable_reason(d[key], key_err)}"
+                    )
+                    # MONAI's "cannot find a suitable reader ... install the reader libraries" only misleads
+                    generic = "cannot find a suitable reader" in str(key_err)
+                    raise error from (None if generic else key_err)
+            raise err
+
+
 class ValidateCased(MapTransform):
     """Check a loaded, channel-first case and raise :class:`CaseError` naming it when it is unusable.
 
     Checks: all present keys share the same spatial size; labels (``label_keys``) of a binary
-    task have at most two distinct values; no key holds NaN/Inf (``check_finite``); the
-    spatial size is at least ``min_spatial_size`` (``-1``/``None`` entries are not checked).
+    task have one channel (an RGB mask is refused) and at most two distinct values; no key
+    holds NaN/Inf (``check_finite``); the spatial size is at least ``min_spatial_size``
+    (``-1``/``None`` entries are not checked), else the error ends with ``min_size_hint``.
     Place it after ``LoadImaged`` + ``EnsureChannelFirstd`` and before ``BinarizeLabeld``.
     """
 
@@ -72,8 +121,10 @@ class ValidateCased(MapTransform):
         min_spatial_size: Sequence[int | None] | None = None,
         allow_missing_keys: bool = True,
         label_keys: KeysCollection = ("label",),
+        min_size_hint: str = "pad it (e.g. SpatialPadd before cropping) or use a smaller crop/ROI size",
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.min_size_hint = min_size_hint
         self.binary_label = binary_label
         self.check_finite = check_finite
         self.min_spatial_size = None if min_spatial_size is None else tuple(min_spatial_size)
@@ -104,6 +155,13 @@ class ValidateCased(MapTransform):
                         f"{name}: {key!r} has {n_bad} non-finite value(s) ({n_nan} NaN, {n_bad - n_nan} Inf) "
                         f"out of {t.numel()}"
                     )
+            if self.binary_label and key in self.label_keys and t.shape[0] != 1:
+                source = t.meta.get("filename_or_obj") if isinstance(t, MetaTensor) else None
+                raise CaseError(
+                    f"{name}: {key!r}{f' ({source})' if source else ''} has {t.shape[0]} channels (shape "
+                    f"{tuple(t.shape)}); a binary mask must be a single-channel image (e.g. an 8-bit gray PNG "
+                    "with 0 = background), not RGB/RGBA"
+                )
             if self.binary_label and key in self.label_keys:
                 values = torch.unique(t.detach().reshape(-1))
                 if values.numel() > 2:
@@ -114,11 +172,13 @@ class ValidateCased(MapTransform):
                         "(is it a multi-class or interpolated mask?)"
                     )
             if self.min_spatial_size is not None:
-                _check_min_size(name, key, spatial, self.min_spatial_size)
+                _check_min_size(name, key, spatial, self.min_spatial_size, self.min_size_hint)
         return d
 
 
-def _check_min_size(name: str, key: Hashable, spatial: tuple[int, ...], min_size: tuple[int | None, ...]) -> None:
+def _check_min_size(
+    name: str, key: Hashable, spatial: tuple[int, ...], min_size: tuple[int | None, ...], hint: str
+) -> None:
     """Raise a CaseError when ``spatial`` is smaller than ``min_size`` in a checked dim (-1/None: unchecked)."""
     if len(min_size) != len(spatial):
         raise CaseError(
@@ -127,8 +187,7 @@ def _check_min_size(name: str, key: Hashable, spatial: tuple[int, ...], min_size
         )
     if any(m is not None and m > 0 and s < m for s, m in zip(spatial, min_size)):
         raise CaseError(
-            f"{name}: {key!r} spatial size {spatial} is smaller than the required {min_size}; "
-            "pad it (e.g. SpatialPadd before cropping) or use a smaller crop/ROI size"
+            f"{name}: {key!r} spatial size {spatial} is smaller than the required {min_size}; {hint}"
         )
 
 

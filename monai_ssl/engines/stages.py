@@ -64,6 +64,8 @@ __all__ = ["APPGStage", "StageArtifact", "StaticTeacherWarmup", "component_descr
 logger = logging.getLogger(__name__)
 
 _SCALARS = (bool, int, float, str, type(None))
+#: The warm-up's settings hash when it was skipped because there are no unlabelled images.
+NO_UNLABELED_DIGEST = "skipped: no unlabelled images"
 
 
 def stage_seed(seed: int, name: str) -> int:
@@ -229,6 +231,10 @@ class APPGStage:
         """Where the complete manifest is (or will be)."""
         return self.out_dir / "manifest.json"
 
+    def image_count(self) -> int:
+        """Number of images to pseudo-label (the datalist's ``key`` list, checked as :meth:`run` loads it)."""
+        return len(load_datalist(self.datalist, self.dataset_dir, self.key))
+
     def run(self) -> Path:
         """Make (or reuse, or finish) the pseudo-labels; return the manifest path."""
         seed_stage(self.seed, "appg")
@@ -342,7 +348,17 @@ class StaticTeacherWarmup:
 
         Under ``torch.distributed``, rank 0 does the work while the other ranks wait for its
         signal file (``work_dir/ready-<nonce>``, a nonce rank 0 broadcasts first), then all load.
+        With no unlabelled images (``appg.image_count() == 0``) both stages are skipped with a warning
+        and the network is returned untrained: the next stage then trains supervised only, as
+        every semi-supervised bundle does without unlabelled data.
         """
+        if self.appg.image_count() == 0:
+            logger.warning(
+                "no unlabelled images: APPG and the static-teacher warm-up are skipped (nothing to pseudo-label); "
+                "training is supervised only"
+            )
+            self.digest = NO_UNLABELED_DIGEST
+            return freeze(self.network)
         nonce = _broadcast_nonce()
         if is_rank0():
             self._make()

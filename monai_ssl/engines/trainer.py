@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
-from monai.data import MetaTensor
+from monai.data import DataLoader, MetaTensor
 from monai.data.utils import set_rnd
 from monai.engines import SupervisedTrainer
 from monai.engines.trainer import Trainer
@@ -17,7 +17,7 @@ from ignite.engine import Events
 from monai.utils.enums import CommonKeys as Keys
 from torch.optim import Optimizer
 
-__all__ = ["SemiSupervisedTrainer", "Objective", "autocast_context", "SKIPPED_STEPS_WARNING"]
+__all__ = ["SemiSupervisedTrainer", "Objective", "UnlabeledDataLoader", "autocast_context", "SKIPPED_STEPS_WARNING"]
 
 #: Consecutive optimiser steps skipped by the CUDA grad scaler (inf/NaN float16 gradients) per warning.
 SKIPPED_STEPS_WARNING = 20
@@ -46,6 +46,22 @@ def autocast_context(device: torch.device, enabled: bool, dtype: torch.dtype | N
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=dtype or torch.float16)
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16)
+
+
+class UnlabeledDataLoader(DataLoader):
+    """MONAI ``DataLoader`` for the unlabelled stream, which may be empty.
+
+    PyTorch's ``RandomSampler`` refuses a dataset of zero cases (``num_samples=0``), so a
+    ``shuffle=True`` loader over an empty unlabelled list would stop the bundle before training.
+    With an empty dataset this loader ignores ``shuffle`` (there is nothing to shuffle) and has
+    length 0; :class:`SemiSupervisedTrainer` then trains supervised only, with a warning. With
+    cases it is exactly ``monai.data.DataLoader(dataset, shuffle=shuffle, **kwargs)``.
+    """
+
+    def __init__(self, dataset: Any, shuffle: bool = False, **kwargs: Any) -> None:
+        if _is_empty(dataset):
+            shuffle = False
+        super().__init__(dataset, shuffle=shuffle, **kwargs)
 
 
 class SemiSupervisedTrainer(SupervisedTrainer):
@@ -110,11 +126,13 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         if unlabeled_data_loader is not None and _is_empty(unlabeled_data_loader):
             unlabeled_data_loader = None
         if unlabeled_data_loader is None and getattr(objective, "uses_unlabeled_data", True):
-            warnings.warn(
-                "SemiSupervisedTrainer: no unlabelled data; training is supervised only "
-                "(the objective's unsupervised terms are skipped).",
-                stacklevel=2,
+            message = (
+                "SemiSupervisedTrainer: no unlabelled data (the unlabelled list is empty or there is no "
+                f"unlabelled loader); {type(objective).__name__} trains supervised only (its unsupervised "
+                "terms are skipped)."
             )
+            warnings.warn(message, stacklevel=2)
+            self.logger.warning(message)
         self.unlabeled_data_loader = unlabeled_data_loader
         self._unlabeled_iter: Iterator | None = None
         self._unlabeled_cycle = 0
@@ -235,6 +253,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
 
 
 def _is_empty(loader: Iterable) -> bool:
+    """True when ``loader`` (or a dataset) has a length and it is 0; False when it has no length."""
     try:
         return len(loader) == 0  # type: ignore[arg-type]
     except TypeError:

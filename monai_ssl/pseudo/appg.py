@@ -140,8 +140,6 @@ LOCK_NAME = ".appg.lock"
 _HELD_LOCKS: dict[Path, list[Any]] = {}
 MASK_DIR = "masks"
 MANIFEST_VERSION = 1
-#: PIL modes holding 8 bits per channel, converted to grayscale by :func:`read_gray8`.
-_EIGHT_BIT_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "RGBX")
 MASK_LAYOUT = (
     "0/255 8-bit PNG, same size and pixel layout as the source image (natural row order: row = y); "
     "MONAI's PIL reader loads both transposed ([x, y]), so they stay aligned"
@@ -191,11 +189,12 @@ def config_hash(settings: Mapping[str, Any]) -> str:
 
 
 def read_gray8(path: str | Path) -> np.ndarray:
-    """An 8-bit image file as a ``(H, W)`` uint8 grayscale array in natural row order (PIL ``convert("L")``)."""
-    with Image.open(path) as img:
-        if img.mode not in _EIGHT_BIT_MODES:
-            raise ValueError(f"{path}: expected an 8-bit image, got PIL mode {img.mode!r}")
-        return np.asarray(img.convert("L"))
+    """An image file as a ``(H, W)`` uint8 grayscale array in natural row order: 8-bit images
+    through PIL ``convert("L")``, 16/32-bit and float ones min-max scaled to 0..255
+    (:func:`monai_ssl.data.readers.read_gray_uint8`, never clipped)."""
+    from monai_ssl.data.readers import read_gray_uint8
+
+    return read_gray_uint8(path)
 
 
 def _read_mask(path: str | Path) -> np.ndarray:
