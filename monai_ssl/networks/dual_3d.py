@@ -20,7 +20,7 @@ from monai.networks.layers.factories import Conv, Norm
 from torch import nn
 from torch.nn import functional as F
 
-from monai_ssl.networks.resnet_unet import _BasicBlock
+from monai_ssl.networks.encoders import BasicBlock as _BasicBlock
 
 __all__ = ["VNet3D", "ResNetSeg3D", "DualNetwork3D", "DualTrainForward", "RESNET34_LAYERS"]
 
