@@ -192,7 +192,7 @@ def test_inference_skips_a_bad_file_processes_the_rest_and_exits_nonzero(tmp_pat
         "--config_file", config_path("supervised", "inference.json"),
         "--meta_file", config_path("supervised", "metadata.json"),
         "--logging_file", config_path("supervised", "logging.conf"),
-        f"--bundle_root={tmp_path}", f"--dataset_dir={inputs}", "--spatial_size=64", "--network_def#backbone=resnet18",
+        f"--bundle_root={tmp_path}", f"--dataset_dir={inputs}", "--spatial_size=64", "--encoder=resnet18",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT)

@@ -50,9 +50,10 @@ def captured_log(name: str) -> Iterator[list[str]]:
         logger.removeHandler(handler)
 
 
-def build_network(bundle: str) -> torch.nn.Module:
+def build_network(bundle: str, encoder: str = "resnet34") -> torch.nn.Module:
     parser = ConfigParser()
     parser.read_config(config_path(bundle, "inference.json"))
+    parser["encoder"] = encoder
     return parser.get_parsed_content("network_def")
 
 
@@ -83,20 +84,25 @@ def test_properties_are_complete(bundle: str, tmp_path: Path) -> None:
         assert wf.check_properties() == [], f"{bundle}/{config}: missing properties"
 
 
-@pytest.mark.parametrize("bundle", BUNDLES_2D)
-def test_verify_net_in_out(bundle: str) -> None:
+#: the bundles' default encoder for every bundle, the other CNN encoders on one bundle
+ENCODER_CASES = [(b, "resnet34") for b in BUNDLES_2D] + [("supervised", "efficientnet-lite0"), ("supervised", "resnet18")]
+
+
+@pytest.mark.parametrize("bundle, encoder", ENCODER_CASES)
+def test_verify_net_in_out(bundle: str, encoder: str) -> None:
     verify_net_in_out(
         net_id="network_def",
         meta_file=config_path(bundle, "metadata.json"),
         config_file=config_path(bundle, "inference.json"),
         n=2,
         device="cpu",
+        encoder=encoder,
     )
 
 
-@pytest.mark.parametrize("bundle", BUNDLES_2D)
-def test_torchscript_and_torch_export_match_eager(bundle: str, tmp_path: Path) -> None:
-    net = build_network(bundle).eval()
+@pytest.mark.parametrize("bundle, encoder", ENCODER_CASES)
+def test_torchscript_and_torch_export_match_eager(bundle: str, encoder: str, tmp_path: Path) -> None:
+    net = build_network(bundle, encoder).eval()
     torch.save(net.state_dict(), tmp_path / "model.pt")
     ts_path = tmp_path / "model.ts"
     ckpt_export(
@@ -105,6 +111,7 @@ def test_torchscript_and_torch_export_match_eager(bundle: str, tmp_path: Path) -
         ckpt_file=str(tmp_path / "model.pt"),
         meta_file=config_path(bundle, "metadata.json"),
         config_file=config_path(bundle, "inference.json"),
+        encoder=encoder,
     )
     scripted = torch.jit.load(str(ts_path))
     exported = torch.export.export(

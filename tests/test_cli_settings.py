@@ -144,7 +144,7 @@ def settings_problems(config: dict[str, Any]) -> list[str]:
         if key != "settings" and _is_plain_setting(value) and key not in settings and key not in STRING_NULLS:
             problems.append(f"top-level setting '{key}' ({value!r}) is not coerced in 'settings'")
     for sid, entry in settings.items():
-        pattern = rf"\$monai_ssl\.bundle\.as_(bool|int|float|size)\(@{sid}, '{sid}'(, \w+=[\w.]+)*\)"
+        pattern = rf"\$monai_ssl\.bundle\.as_(bool|int|float|size|weights)\(@{sid}, '{sid}'(, \w+=[\w.]+)*\)"
         if sid not in config:
             problems.append(f"settings#{sid} coerces an id that the config does not define")
         if not (isinstance(entry, str) and re.fullmatch(pattern, entry)):
@@ -320,3 +320,17 @@ def test_cli_use_static_teacher_false_skips_appg(tmp_path: Path) -> None:
     assert not (root / "runs" / "stwp").exists() and not (root / "models" / "static_teacher.pt").exists()
     assert (root / "models" / "model.pt").is_file()
     assert "use_static_teacher=False" in result.stdout
+
+
+def test_as_weights_accepts_null_pretrained_or_an_existing_file(tmp_path: Path) -> None:
+    from monai_ssl.bundle import as_weights
+
+    weights = tmp_path / "resnet34.pth"
+    weights.write_bytes(b"x")
+    assert as_weights(None, "encoder_weights") is None
+    assert as_weights("null", "encoder_weights") is None
+    assert as_weights("pretrained", "encoder_weights") == "pretrained"
+    assert as_weights(str(weights), "encoder_weights") == str(weights)
+    for bad in (str(tmp_path / "absent.pth"), "imagenet", 3, True):
+        with pytest.raises(ValueError, match=r"setting 'encoder_weights': got .*nothing|setting 'encoder_weights': got"):
+            as_weights(bad, "encoder_weights")

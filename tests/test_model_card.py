@@ -75,7 +75,7 @@ def test_card_settings_are_the_default_of_evaluate_and_inference(bundle: str, tm
         parser = parser_for(bundle, files, **overrides)
         for key, value in trained.items():
             assert parser.get_parsed_content(key) == value, (files, key)
-        parser.get_parsed_content("run#0")  # the check passes
+        parser.get_parsed_content("run#1")  # the card check (run#0 checks that model.pt exists) passes
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
@@ -88,7 +88,7 @@ def test_an_override_that_disagrees_with_the_card_stops_the_run(bundle: str, tmp
     for files in (["train.json", "evaluate.json"], ["inference.json"]):
         parser = parser_for(bundle, files, bundle_root=str(tmp_path), **extra, **{key: wrong})
         with pytest.raises(Exception) as info:
-            parser.get_parsed_content("run#0")
+            parser.get_parsed_content("run#1")
         message = " ".join(error_messages(info.value))
         assert f"{key}={wrong!r} (this run)" in message and f"{key}={trained!r}" in message, message
         assert str(tmp_path / "models" / "model.json") in message

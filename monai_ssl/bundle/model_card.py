@@ -9,8 +9,8 @@ time the model file changes:
 .. code-block:: json
 
     {"format": 1, "bundle": "dual_teacher", "model": "model.pt", "model_sha256": "...",
-     "settings": {"spatial_size": 128, "in_channels": 1, "out_channels": 1, "backbone": "resnet34"},
-     "network": {"class": "monai_ssl.networks.resnet_unet.ResNetUNet", "n_parameters": 24436369},
+     "settings": {"spatial_size": 128, "in_channels": 1, "out_channels": 1, "encoder": "resnet34"},
+     "network": {"class": "monai_ssl.networks.resnet_unet.EncoderUNet", "n_parameters": 24436369},
      "preprocessing": ["LoadImaged", "...", "ScaleIntensityd", "Resized", "EnsureTyped"],
      "training": {"seed": 0, "max_epochs": 10, ...}, "validation": {"val_mean_dice": 0.89, "epoch": 7}}
 

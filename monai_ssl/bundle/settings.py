@@ -13,12 +13,14 @@ numeric top-level ids through one of these functions in its ``settings`` section
 from __future__ import annotations
 
 import ast
+import os
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["BOOL_WORDS", "as_bool", "as_float", "as_int", "as_size", "log_settings"]
+__all__ = ["BOOL_WORDS", "as_bool", "as_float", "as_int", "as_size", "as_weights", "log_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +168,23 @@ def as_size(value: Any, name: str, ndim: int | None = None, minimum: int = 1, *,
     except ValueError:
         raise _fail(name, value, accepted, optional) from None
     return [single] * ndim if ndim is not None else single  # type: ignore[list-item]
+
+
+
+def as_weights(value: Any, name: str) -> str | None:
+    """Where a network's initial weights come from: ``None`` (``null``/``none``: random init),
+    ``"pretrained"`` (the weights a package ships) or the path of an existing local file;
+    ``ValueError`` naming ``name`` otherwise (nothing is ever downloaded)."""
+    if _is_none(value):
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        text = str(value).strip()
+        if text == "pretrained":
+            return text
+        if text and Path(text).expanduser().is_file():
+            return str(Path(text).expanduser())
+    accepted = "null (random init), 'pretrained' (weights a package ships) or the path of an existing local weights file"
+    raise _fail(name, value, accepted, False)
 
 
 def log_settings(settings: Mapping[str, Any]) -> dict[str, Any]:

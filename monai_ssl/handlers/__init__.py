@@ -1,6 +1,15 @@
 """Ignite handlers for semi-supervised training: teachers, schedules, checkpoints."""
 
-from .checkpoint import BestModelSaver, ResumeCheckpoint, RNGState, TrainedModelLoader, atomic_torch_save, train_command
+from .checkpoint import (
+    BestModelSaver,
+    ResumeCheckpoint,
+    RNGState,
+    TrainedModelLoader,
+    atomic_torch_save,
+    how_to_train,
+    require_trained_model,
+    train_command,
+)
 from .schedules import RampUp, linear_rampup, sigmoid_rampup
 from .teachers import EMATeacher, freeze, make_teacher
 
@@ -11,6 +20,8 @@ __all__ = [
     "RampUp",
     "ResumeCheckpoint",
     "TrainedModelLoader",
+    "how_to_train",
+    "require_trained_model",
     "atomic_torch_save",
     "freeze",
     "linear_rampup",

@@ -21,7 +21,16 @@ from torch import nn
 
 from monai_ssl.utils import MissingFileError, UserError, atomic_path, remove_stale_temps, safe_torch_load
 
-__all__ = ["atomic_torch_save", "RNGState", "ResumeCheckpoint", "BestModelSaver", "TrainedModelLoader", "train_command"]
+__all__ = [
+    "atomic_torch_save",
+    "RNGState",
+    "ResumeCheckpoint",
+    "BestModelSaver",
+    "TrainedModelLoader",
+    "how_to_train",
+    "require_trained_model",
+    "train_command",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -249,15 +258,36 @@ def train_command(bundle_name: str, bundle_root: str | os.PathLike, ckpt_dir: st
     return shlex.join(parts)
 
 
+def how_to_train(model_path: str | os.PathLike, bundle_name: str | None = None,
+                 bundle_root: str | os.PathLike | None = None) -> str:
+    """The sentence an error about a missing trained model ends with: the command that trains it."""
+    path = Path(model_path)
+    if bundle_name is None:
+        return "train the bundle first (its configs/train.json writes it)"
+    root = bundle_root if bundle_root is not None else path.parent.parent
+    return f"train the bundle first: {train_command(bundle_name, root, path.parent)}"
+
+
+def require_trained_model(model_path: str | os.PathLike, bundle_name: str | None = None,
+                          bundle_root: str | os.PathLike | None = None, how_to_make: str | None = None) -> None:
+    """Stop with :class:`~monai_ssl.utils.MissingFileError` (one line naming the file and the command
+    that trains it) when ``model_path`` does not exist; evaluate/inference configs call it first."""
+    path = Path(model_path)
+    if not path.is_file():
+        reason = how_to_make if how_to_make is not None else how_to_train(path, bundle_name, bundle_root)
+        raise MissingFileError(f"no trained model: {path} does not exist; {reason}")
+
+
 class TrainedModelLoader:
     """Load the trained model (``models/model.pt``, a bare state dict) into a network when an engine starts.
 
     A drop-in for MONAI's ``CheckpointLoader`` in evaluate/inference configs, loading with
     ``weights_only=True`` and ``strict`` as it does, whose errors are one line naming the file:
-    the file is read **when the handler is built** (before any data is read), so a missing file
-    stops the run there with the command that trains the model, and a file holding pickled
-    objects is refused (:class:`~monai_ssl.utils.UnsafeCheckpointError`) and nothing in it runs;
-    at ``Events.STARTED`` the weights are loaded, and weights that do not fit the network say so.
+    at ``Events.STARTED`` (before the first batch is read) a missing file stops the run with the
+    command that trains the model, a file holding pickled objects is refused
+    (:class:`~monai_ssl.utils.UnsafeCheckpointError`) and nothing in it runs, and weights that do
+    not fit the network say so. Building the handler reads nothing, so a bundle's configs can be
+    parsed and its properties checked (``check_properties``, MONAI Label) before a model exists.
 
     Args:
         load_path: the state dict file.
@@ -283,25 +313,19 @@ class TrainedModelLoader:
         self.load_dict = dict(load_dict)
         self.map_location = map_location
         self.strict = strict
-        if bundle_name is not None:
-            root = bundle_root if bundle_root is not None else self.load_path.parent.parent
-            self.how_to_make = f"train the bundle first: {train_command(bundle_name, root, self.load_path.parent)}"
-        else:
-            self.how_to_make = "train the bundle first (its configs/train.json writes it)"
-        if not self.load_path.is_file():
-            raise MissingFileError(f"no trained model: {self.load_path} does not exist; {self.how_to_make}")
-        self._state: Mapping[str, Any] | None = self._read()
+        self.how_to_make = how_to_train(self.load_path, bundle_name, bundle_root)
 
     def attach(self, engine: Engine) -> None:
         """Load the weights at ``Events.STARTED``."""
         engine.add_event_handler(Events.STARTED, self)
 
     def _read(self) -> Any:
+        require_trained_model(self.load_path, how_to_make=self.how_to_make)
         return safe_torch_load(self.load_path, "trained model", self.how_to_make, map_location=self.map_location)
 
     def __call__(self, engine: Engine | None = None) -> None:
-        """Load the weights (read when the handler was built, else now) strictly into every network of ``load_dict``."""
-        state, self._state = (self._state if self._state is not None else self._read()), None
+        """Read the file and load its weights strictly into every network of ``load_dict``."""
+        state = self._read()
         if not isinstance(state, Mapping):
             raise UserError(f"trained model {self.load_path} holds a {type(state).__name__}, not a state dict; {self.how_to_make}")
         key = next(iter(self.load_dict))
