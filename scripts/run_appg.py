@@ -250,7 +250,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         images = load_datalist(datalist, args.dataset_dir, args.key)
         if args.limit is not None:
             images = images[: args.limit]
-        check_images = [] if args.no_check else load_datalist(datalist, args.dataset_dir, args.check_key)
+        check_images = []
+        if not args.no_check:
+            try:
+                check_images = load_datalist(datalist, args.dataset_dir, args.check_key)
+            except DatalistError as err:
+                print(f"labelled check skipped (no {args.check_key!r} images with masks): {err}", file=sys.stderr)
         calibration = load_calibration(args.calibration) if args.calibration is not None else None
         prompts = calibrated_prompts(args.prompts, calibration)
         proposer, proposer_config = _proposer(args, calibration)

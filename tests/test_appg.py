@@ -735,7 +735,8 @@ def test_appg_stage_calibrates_from_the_labelled_list_by_default(bright_set, tmp
     assert calibration["brightness"] == "bright" and manifest["config"]["prompts"] == calibration["prompts"]
     assert manifest["config"]["proposer"]["default_brightness"] == "bright"
     assert manifest["config"]["calibration"]["hash"] and manifest["config"]["rerank"] == calibration["rerank"]
-    assert counter.images == 6 + 6 + 8  # calibration fit + labelled check + the unlabelled images
+    no_box = manifest["counts"]["invalid"]["no_box"]  # images without a box never reach the segmenter
+    assert counter.images == 6 + 6 + 8 - no_box  # calibration fit + labelled check + the unlabelled images
     report = json.loads((tmp_path / "auto" / "report" / "appg_report.json").read_text())
     assert report["labelled_check"]["n"] == 6 and report["labelled_check"]["dice_all"] > 0.65
 

@@ -45,6 +45,7 @@ from monai_ssl.methods.supervised import SupervisedObjective
 from monai_ssl.pseudo.appg import DEFAULT_MIN_CHECK_DICE, config_hash, run_appg, store_lock, valid_pseudo_datalist
 from monai_ssl.pseudo.calibration import (
     CALIBRATION_VERSION,
+    NoTargetError,
     calibrate,
     calibrated_prompts,
     calibrated_proposer,
@@ -235,10 +236,14 @@ class APPGStage:
             if isinstance(cached, dict) and cached.get("inputs_hash") == digest:
                 return cached
             logger.info("APPG: calibrating on the %d images of %r of %s (their masks only)", len(labelled), self.calibration_key, self.datalist)
-            calibration = calibrate(
-                labelled, self.proposer, segmenter, self.prompts, self.top_k,
-                source=f"auto: {len(labelled)} images of key {self.calibration_key!r} of {self.datalist}",
-            )
+            try:
+                calibration = calibrate(
+                    labelled, self.proposer, segmenter, self.prompts, self.top_k,
+                    source=f"auto: {len(labelled)} images of key {self.calibration_key!r} of {self.datalist}",
+                )
+            except NoTargetError as err:
+                logger.warning("%s: APPG uses the generic defaults", err)
+                return None
             calibration["inputs_hash"] = digest
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_calibration(cache, calibration)

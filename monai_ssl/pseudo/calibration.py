@@ -51,6 +51,7 @@ from monai_ssl.utils import atomic_write
 
 __all__ = [
     "CALIBRATION_VERSION",
+    "NoTargetError",
     "RERANK_GRID",
     "calibrate",
     "calibration_record",
@@ -78,6 +79,10 @@ PROPOSER_KEYS = (
     "quantiles", "local_quantiles", "min_area", "max_area", "size_prior", "contrast_scale", "border_weight",
     "margin_scale", "position_prior", "position_weight", "default_brightness",
 )
+
+
+class NoTargetError(ValueError):
+    """No labelled mask has a target: there is nothing to fit."""
 
 
 def _read_label(path: str | Path, case_id: str) -> np.ndarray:
@@ -136,7 +141,7 @@ def fit_priors(measured: Sequence[Mapping[str, Any]], base: AppearanceBoxPropose
     base = base or AppearanceBoxProposer()
     targets = [m for m in measured if not m["empty"]]
     if not targets:
-        raise ValueError(f"APPG calibration: none of the {len(measured)} labelled masks has a target; nothing to fit")
+        raise NoTargetError(f"APPG calibration: none of the {len(measured)} labelled masks has a target; nothing to fit")
     areas = np.array([m["area_fraction"] for m in targets])
     logs = np.log(areas)
     centres = np.array([m["centre_y"] for m in targets])
