@@ -689,15 +689,19 @@ def test_prompt_vocabulary_says_what_it_understood() -> None:
     ]
 
 
-def test_report_counts_invented_masks_and_says_which_overlays(bright_set, tmp_path) -> None:
-    """Where truth exists: images without a target that got a valid mask are counted and named;
-    overlays are a seeded sample of valid and invalid images (all when few), listed with the rule."""
+def test_report_counts_invented_masks_and_says_which_overlays(bright_set, tmp_path, caplog) -> None:
+    """Where truth exists: images without a target that got a valid mask are counted and named
+    (report and log); overlays are a seeded sample of valid and invalid images (all when few),
+    listed with the rule."""
+    import logging
+
     from monai_ssl.pseudo.appg import overlay_selection
 
     unlabelled = load_datalist(bright_set / "datalist.json", bright_set, "unlabeled")
     out = tmp_path / "out"
-    run_appg(unlabelled, out, AppearanceBoxProposer(default_brightness="bright"), BoxFillSegmenter(), prompts=["bright oval"],
-             truth_lookup=_truth(bright_set), overlay_count=4, progress=False)
+    with caplog.at_level(logging.INFO, logger="monai_ssl.pseudo.appg"):
+        run_appg(unlabelled, out, AppearanceBoxProposer(default_brightness="bright"), BoxFillSegmenter(), prompts=["bright oval"],
+                 truth_lookup=_truth(bright_set), overlay_count=4, progress=False)
     report = json.loads((out / "report" / "appg_report.json").read_text())
     manifest = json.loads((out / "manifest.json").read_text())
     valid = {r["case_id"]: r["valid"] for r in manifest["images"]}
@@ -710,6 +714,9 @@ def test_report_counts_invented_masks_and_says_which_overlays(bright_set, tmp_pa
     assert sorted(p.stem for p in (out / "report" / "overlays").iterdir()) == sorted(overlays["cases"])
     n_invalid = sum(1 for c in overlays["cases"] if not valid[c])
     assert n_invalid == min(2, sum(1 for v in valid.values() if not v))
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("APPG report:")]
+    assert logged and f"2 without a target, {empty['marked_valid']} of them marked valid" in logged[0]
+    assert "seeded sample" in logged[0]
 
     records = [{"valid": i % 3 == 0} for i in range(10)]
     picked, rule = overlay_selection(records, 4)

@@ -154,8 +154,9 @@ class APPGStage:
         calibration: ``"auto"`` (default): fitted on the datalist's ``calibration_key`` images
             and masks only (:func:`monai_ssl.pseudo.calibration.calibrate`, cached in
             ``<out_dir>/calibration.json`` and reused while its inputs are unchanged); a path to a
-            calibration JSON (``scripts/calibrate_appg.py``); a calibration dict; or ``"none"`` /
-            None for the generic defaults. Recorded in the APPG config hash.
+            calibration JSON (``scripts/calibrate_appg.py``); a calibration dict; or ``"none"``
+            (also None, False, ``"false"``, ``"off"``) for the generic defaults. Recorded in the
+            APPG config hash.
         calibration_key: datalist key of the labelled images used by ``"auto"``.
         check_key: datalist key of the labelled images APPG is also run on to report its Dice
             against their masks (``run_appg``'s ``check_images``); None skips the check.
@@ -179,7 +180,7 @@ class APPGStage:
         key: str = "unlabeled",
         progress: bool = True,
         workers: int = 1,
-        calibration: str | os.PathLike | Mapping[str, Any] | None = "auto",
+        calibration: str | os.PathLike | Mapping[str, Any] | bool | None = "auto",
         calibration_key: str = "labeled",
         check_key: str | None = "labeled",
         min_check_dice: float = DEFAULT_MIN_CHECK_DICE,
@@ -194,7 +195,8 @@ class APPGStage:
         self.bf16 = precision == "bf16" or (precision == "auto" and bf16_supported())
         self.segmenter = segmenter
         self.prompts = list(prompts) if prompts else None
-        self.calibration = None if calibration is None or (isinstance(calibration, str) and calibration.lower() == "none") else calibration
+        off = calibration is None or calibration is False or (isinstance(calibration, str) and calibration.lower() in ("none", "false", "off"))
+        self.calibration = None if off else calibration
         self.calibration_key, self.check_key, self.min_check_dice = calibration_key, check_key, float(min_check_dice)
         self.top_k, self.candidate_policy, self.min_foreground = top_k, candidate_policy, min_foreground
         self.rerank = dict(rerank) if rerank else None

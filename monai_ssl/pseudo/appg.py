@@ -871,11 +871,28 @@ def run_appg(
         }
         atomic_write(manifest_path, json.dumps(manifest, indent=1) + "\n")
         if records:
-            appg_report(
+            report = appg_report(
                 manifest_path, truth_lookup=truth_lookup, out_dir=out_dir / "report", overlay_count=overlay_count,
                 labelled_check=labelled_check, notes=notes,
             )
+            _log_report(report)
         return manifest_path
+
+
+def _log_report(report: Mapping[str, Any]) -> None:
+    """One log line with the counts, the target-free images that got a mask, and the overlays drawn."""
+    counts, truth = report["counts"], report["truth"]
+    line = f"APPG report: {counts['valid']} of {counts['total']} images valid"
+    if truth is not None:
+        empty = truth["empty_truth"]
+        line += (
+            f"; Dice against truth {truth['all']['dice']['mean']:.3f} over the {truth['all']['n']} with truth; "
+            f"{empty['n']} without a target, {empty['marked_valid']} of them marked valid"
+        )
+        if empty["cases_marked_valid"]:
+            line += f" ({', '.join(empty['cases_marked_valid'][:10])}{', ...' if empty['marked_valid'] > 10 else ''})"
+    line += f"; overlays: {report['overlays']['rule']}"
+    logger.info("%s", line)
 
 
 def _prompt_notes(proposer: BoxProposer, prompts: Sequence[str]) -> list[str]:
