@@ -213,8 +213,29 @@ def prepare_ddti(src: Path, out: Path, include_empty: bool = False, overwrite: b
     return stats
 
 
+def _filled_annotation(annotation: np.ndarray, path: Path, layout: str) -> tuple[np.ndarray, str]:
+    """The filled region of an annotation that public mirrors ship either as a closed outline or
+    already filled; returns it and ``"outline_filled"`` or ``"given_filled"``.
+
+    An outline encloses pixels that hole filling adds. A mask that encloses none is accepted as
+    already filled when it is solid (at least half of it survives an erosion by 2 pixels; a 1-3
+    pixel outline does not); otherwise it is an outline that is not closed, an error naming ``path``.
+    """
+    if not annotation.any():
+        raise PrepareError(f"{layout} annotation {path} is empty (neither an outline nor a filled region)")
+    filled = ndimage.binary_fill_holes(annotation)
+    if filled.sum() > annotation.sum():
+        return filled, "outline_filled"
+    if ndimage.binary_erosion(annotation, iterations=2).sum() >= 0.5 * annotation.sum():
+        return annotation.copy(), "given_filled"
+    raise PrepareError(
+        f"{layout} annotation {path}: a thin outline that is not closed (nothing to fill) and not a filled region either"
+    )
+
+
 def prepare_hc18(src: Path, out: Path, overwrite: bool = False) -> Counter:
-    """Convert HC18 ``<id>HC.png`` + ``<id>HC_Annotation.png`` (ellipse outline, filled) to images/labels."""
+    """Convert HC18 ``<id>HC.png`` + ``<id>HC_Annotation.png`` to images/labels: the ellipse outline
+    is filled; an annotation that comes already filled (some mirrors) is kept (:func:`_filled_annotation`)."""
     images = sorted(p for p in src.glob("*HC.png"))
     if not images:
         raise PrepareError(f"HC18 source {src} has no '*HC.png' images (point --src at training_set)")
@@ -232,9 +253,8 @@ def prepare_hc18(src: Path, out: Path, overwrite: bool = False) -> Counter:
         annotation_path = image_path.with_name(f"{image_path.stem}_Annotation.png")
         outline = _read_mask(annotation_path)
         _check_same_size(_image_shape(image_path), outline, image_path, annotation_path)
-        filled = ndimage.binary_fill_holes(outline)
-        if filled.sum() <= outline.sum():
-            raise PrepareError(f"HC18 annotation {annotation_path}: the ellipse outline is not closed (nothing to fill)")
+        filled, kind = _filled_annotation(outline, annotation_path, "HC18")
+        stats[kind] += 1
         _write_gray_png(image_path, out / rels[0])
         _save_png(out / rels[1], filled.astype(np.uint8) * 255)
         stats["written"] += 1
@@ -511,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     helps = {
         "busi": "BUSI Dataset_BUSI_with_GT (benign + malignant; normal with --include-normal)",
         "ddti": "DDTI cropped/<id>.png + mask/<id>.gif",
-        "hc18": "HC18 training_set *_HC.png + *_HC_Annotation.png (outline filled)",
+        "hc18": "HC18 training_set *_HC.png + *_HC_Annotation.png (an outline is filled; an already filled one is kept)",
         "la_h5": "LA community <case>/mri_norm2.h5 folders -> NIfTI",
         "la_nifti": "LA imagesTr/labelsTr NIfTI pairs -> normalised layout",
         "pancreas": "NIH Pancreas-CT NIfTI images/ + labels/ -> HU [-120, 240] scaled to [0, 1], cropped to pancreas + margin",

@@ -11,9 +11,18 @@ same settings is a no-op and an interrupted run resumes. Prints the counts, pseu
 Dice/IoU against ``<dataset-dir>/labels/<id>.png`` where those exist (scripts/prepare_data.py
 writes every label there, also for the cases a datalist lists as unlabelled), images/s and peak RSS.
 
+Calibration and the labelled check: ``--calibration calib.json`` (``scripts/calibrate_appg.py``,
+fitted on the datalist's labelled images only) sets the proposer's priors, the rerank weights and,
+without ``--prompts``, the prompts; without it the generic defaults are used (say so in any
+figure). Unless ``--no-check``, the datalist's labelled images are pseudo-labelled too (into
+``<out>/labelled_check``) and APPG's Dice against their masks is printed and reported: the
+estimate that needs no unlabelled truth; below ``--min-check-dice`` it warns.
+
 Examples::
 
-    python scripts/run_appg.py --dataset-dir data/busi --datalist datalists/busi_10pct.json --out runs/appg/busi_10pct
+    python scripts/calibrate_appg.py --dataset-dir data/busi --datalist datalists/busi_10pct.json --out runs/appg/busi_10pct.calib.json
+    python scripts/run_appg.py --dataset-dir data/busi --datalist datalists/busi_10pct.json --out runs/appg/busi_10pct \
+        --calibration runs/appg/busi_10pct.calib.json
     python scripts/run_appg.py --dataset-dir data/busi --datalist datalists/busi_10pct.json --out runs/appg/gdino \\
         --proposer grounding_dino --gdino-dir models/grounding-dino-tiny --segmenter sam \\
         --sam-checkpoint models/sam_vit_h_4b8939.pth --sam-type vit_h --policy top_box
@@ -57,7 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sam-checkpoint", type=Path, help="segment_anything checkpoint (with --segmenter sam)")
     p.add_argument("--sam-type", choices=("vit_b", "vit_l", "vit_h"), default="vit_b")
     p.add_argument("--multimask", action="store_true", help="decode 3 masks per box and keep the best predicted IoU")
-    p.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS), help="appearance prompts (default: the paper's)")
+    p.add_argument(
+        "--prompts", nargs="+", default=None,
+        help=f"appearance prompts (default: the calibration's, else the paper's {list(DEFAULT_PROMPTS)})",
+    )
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="calibration JSON of scripts/calibrate_appg.py (proposer priors, rerank weights, prompts)")
+    p.add_argument("--no-check", action="store_true", help="skip the labelled-image check")
+    p.add_argument("--check-key", default="labeled", help="datalist key of the labelled check images (default labeled)")
+    p.add_argument("--min-check-dice", type=float, default=None,
+                   help="warn when APPG's Dice on the labelled images is below this (default 0.5)")
     p.add_argument("--top-k", type=int, default=3, help="candidate boxes per image (default 3)")
     p.add_argument(
         "--policy", choices=CANDIDATE_POLICIES, default="rerank",
@@ -95,13 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _proposer(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    """The box proposer and its description for the config hash."""
+def _proposer(args: argparse.Namespace, calibration: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """The box proposer (calibrated when a calibration is given) and its description for the config hash."""
     from monai_ssl.engines.stages import component_description
     from monai_ssl.foundation.appearance import AppearanceBoxProposer
+    from monai_ssl.pseudo.calibration import calibrated_proposer
 
     if args.proposer == "appearance":
-        proposer = AppearanceBoxProposer()
+        proposer = calibrated_proposer(AppearanceBoxProposer(), calibration)
         return proposer, component_description(proposer)
     from monai_ssl.foundation.grounding_dino import GroundingDinoProposer
 
@@ -185,6 +204,22 @@ class _MemorySampler:
         self._thread.join()
 
 
+def _calibration_config(calibration: dict[str, Any] | None) -> dict[str, Any]:
+    """What the config hash records of the calibration (as the bundle's APPG stage records it)."""
+    from monai_ssl.pseudo.calibration import calibration_record
+
+    return {"calibration": calibration_record(calibration)}
+
+
+def _calibration_notes(path: Path | None, calibration: dict[str, Any] | None) -> list[str]:
+    """Report lines saying which calibration was used (or that none was)."""
+    if calibration is None:
+        return ["no calibration: the proposer's and rerank's generic defaults"]
+    return [f"calibration {path} ({calibration.get('source')}): brightness {calibration.get('brightness')}"] + [
+        f"calibration warning: {w}" for w in calibration.get("warnings", [])
+    ]
+
+
 def _format_quality(name: str, stats: dict[str, Any] | None) -> str:
     """``name (n): Dice m ± s, IoU m ± s``."""
     if stats is None:
@@ -197,7 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (1 with a message on a data or model error)."""
     from monai_ssl.data.datalist import DatalistError, load_datalist
     from monai_ssl.foundation.interfaces import bf16_supported
-    from monai_ssl.pseudo.appg import appg_report, default_workers, run_appg, tune_malloc_for_inference
+    from monai_ssl.pseudo.appg import DEFAULT_MIN_CHECK_DICE, appg_report, default_workers, run_appg, tune_malloc_for_inference
+    from monai_ssl.pseudo.calibration import calibrated_prompts, load_calibration
 
     args = build_parser().parse_args(argv)
     if args.workers is None:
@@ -214,7 +250,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         images = load_datalist(datalist, args.dataset_dir, args.key)
         if args.limit is not None:
             images = images[: args.limit]
-        proposer, proposer_config = _proposer(args)
+        check_images = []
+        if not args.no_check:
+            try:
+                check_images = load_datalist(datalist, args.dataset_dir, args.check_key)
+            except DatalistError as err:
+                print(f"labelled check skipped (no {args.check_key!r} images with masks): {err}", file=sys.stderr)
+        calibration = load_calibration(args.calibration) if args.calibration is not None else None
+        prompts = calibrated_prompts(args.prompts, calibration)
+        proposer, proposer_config = _proposer(args, calibration)
         segmenter, segmenter_config = _segmenter(args, bf16)
     except (DatalistError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -234,18 +278,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out,
             proposer,
             segmenter,
-            prompts=args.prompts,
+            prompts=prompts,
             top_k=args.top_k,
             candidate_policy=args.policy,
             min_foreground=args.delta,
-            config={"proposer": proposer_config, "segmenter": segmenter_config},
+            config={"proposer": proposer_config, "segmenter": segmenter_config, **_calibration_config(calibration)},
             truth_lookup=truth_lookup,
             overlay_count=args.overlays,
             encoder_batch_size=args.batch_size,
             progress=not args.no_progress,
-            rerank={"valid_bonus": args.valid_bonus} if args.valid_bonus else None,
+            rerank={**(calibration or {}).get("rerank", {}), **({"valid_bonus": args.valid_bonus} if args.valid_bonus else {})} or None,
             workers=args.workers,
             threads_per_worker=args.threads,
+            check_images=check_images,
+            min_check_dice=DEFAULT_MIN_CHECK_DICE if args.min_check_dice is None else args.min_check_dice,
+            notes=_calibration_notes(args.calibration, calibration),
         )
     except (ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -266,6 +313,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  pseudo-label vs truth: no truth masks under {labels}")
     else:
         print("  pseudo-label vs truth: " + _format_quality("all", report["truth"]["all"]) + "; " + _format_quality("valid", report["truth"]["valid"]))
+    empty = (report["truth"] or {}).get("empty_truth")
+    if empty is not None:
+        print(
+            f"  images without a target (empty truth): {empty['n']}, of which marked valid (an invented mask): "
+            f"{empty['marked_valid']}; images with a target but no valid mask: {report['truth']['target_missed']}"
+        )
+    check = report.get("labelled_check")
+    if check is not None:
+        valid_dice = "" if check["dice_valid"] is None else f", {check['dice_valid']:.4f} over its {check['valid']} valid"
+        print(f"  labelled check ({check['n']} labelled images): Dice {check['dice_all']:.4f} over all{valid_dice}")
+    for note in report.get("notes", []):
+        print(f"  note: {note}")
+    for warning in report.get("warnings", []):
+        print(f"  WARNING: {warning}")
+    print(f"  overlays: {report['overlays']['rule']}")
     speed = report["images_per_second"]
     if before is not None and manifest_path.stat().st_mtime_ns == before:
         run_note = "already complete with this config: nothing computed in this run"

@@ -185,7 +185,11 @@ def test_appg_end_to_end_with_litemedsam(first_run, images, dataset) -> None:
     assert report["counts"] == manifest["counts"] and report["images_per_second"] > 0
     assert report["truth"]["all"]["n"] == 4  # the blank image has no truth file
     assert report["truth"]["all"]["dice"]["mean"] == pytest.approx(np.mean(dices))
-    assert sorted(p.name for p in (out / "report" / "overlays").iterdir()) == [f"{e['case_id']}.png" for e in images[:2]]
+    # 5 images, 2 overlays: a seeded sample (one valid, one invalid when there is one), named in the report
+    assert len(report["overlays"]["cases"]) == 2 and "seeded sample" in report["overlays"]["rule"]
+    assert sorted(p.stem for p in (out / "report" / "overlays").iterdir()) == sorted(report["overlays"]["cases"])
+    assert "blank" in report["overlays"]["cases"]  # the only invalid image
+    assert report["truth"]["empty_truth"]["n"] == 0 and report["notes"] == [f"prompt '{p}' -> {p}" for p in ("dark oval", "dark round", "dark lobulated")]
     assert (out / "report" / "appg_per_case.csv").read_text().count("\n") == 6
 
     pseudo = valid_pseudo_datalist(manifest_path)
@@ -288,12 +292,17 @@ def _ultrasound_like(seed: int = 0) -> tuple[np.ndarray, tuple[int, int, int, in
 
 def test_proposer_ranks_lesion_above_bottom_band_and_shadow() -> None:
     image, lesion_box = _ultrasound_like()
+    # generic defaults: the best box is on the lesion (it holds the lesion's centre, 70, 50)
     proposals = AppearanceBoxProposer().propose(image, top_k=5)
-    assert proposals and box_iou(proposals[0].box, lesion_box) > 0.6, (proposals[0], lesion_box)
-    lesion_score = proposals[0].score
-    for p in proposals[1:]:
-        if p.y1 >= image.shape[0] - 3:  # anything reaching the bottom (band, shadow) scores lower
-            assert p.score < lesion_score
+    assert proposals and proposals[0].x0 <= 70 <= proposals[0].x1 and proposals[0].y0 <= 50 <= proposals[0].y1
+    assert box_iou(proposals[0].box, lesion_box) > 0.4, (proposals[0], lesion_box)
+    # with a size prior near the lesion's area fraction (what a calibration would fit): its own box
+    fitted = AppearanceBoxProposer(size_prior=(0.03, 0.7)).propose(image, top_k=5)
+    assert box_iou(fitted[0].box, lesion_box) > 0.6, (fitted[0], lesion_box)
+    for found in (proposals, fitted):
+        for p in found[1:]:
+            if p.y1 >= image.shape[0] - 3:  # anything reaching the bottom (band, shadow) scores lower
+                assert p.score < found[0].score
 
 
 def test_proposer_position_prior_prefers_the_upper_of_two_equal_blobs() -> None:
@@ -308,11 +317,13 @@ def test_proposer_position_prior_prefers_the_upper_of_two_equal_blobs() -> None:
         """Best score of a box on the upper blob, on the deep blob."""
         return (max(p.score for p in proposals if p.y1 < 80), max(p.score for p in proposals if p.y0 >= 80))
 
-    proposals = AppearanceBoxProposer().propose(image, top_k=10)
+    proposals = AppearanceBoxProposer(position_prior=(0.3, 0.25)).propose(image, top_k=10)
     up, down = best(proposals)
     assert proposals[0].y1 < 80 and up > 1.5 * down
-    up, down = best(AppearanceBoxProposer(position_weight=0.0).propose(image, top_k=10))
+    up, down = best(AppearanceBoxProposer(position_prior=(0.3, 0.25), position_weight=0.0).propose(image, top_k=10))
     assert up == pytest.approx(down, rel=0.2)  # no prior: about equal
+    up, down = best(AppearanceBoxProposer().propose(image, top_k=10))
+    assert up == pytest.approx(down, rel=0.2)  # the generic default has no position prior
 
 
 def test_proposer_options_are_checked() -> None:
@@ -525,3 +536,222 @@ def test_sam_tiny_random_model(tmp_path, images, dataset) -> None:
     manifest_path = _run(images[:2], tmp_path / "appg", segmenter, dataset)
     records = json.loads(manifest_path.read_text())["images"]
     assert all(read_gray8(tmp_path / "appg" / r["mask"]).shape == (r["height"], r["width"]) for r in records)
+
+
+# ----------------------------------------------------------------------------- calibration, labelled check, report
+
+
+def _bright_low_target(seed: int, with_target: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """A 96 x 96 speckled image whose target is LARGE (about a third of the image), BRIGHT and in
+    the LOWER part, with a small dark blob and a small bright blob in the upper third as
+    distractors (what BUSI-like defaults look for); returns the image and the truth mask."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:96, :96]
+    image = np.full((96, 96), 100.0)
+    target = ((yy - 60 - rng.integers(-3, 4)) / 24.0) ** 2 + ((xx - 48 - rng.integers(-4, 5)) / 38.0) ** 2 <= 1.0
+    dark = ((yy - 14) / 6.0) ** 2 + ((xx - 24) / 8.0) ** 2 <= 1.0
+    bright = ((yy - 14) / 5.0) ** 2 + ((xx - 74) / 6.0) ** 2 <= 1.0
+    image[dark] = 35.0
+    image[bright] = 190.0
+    if with_target:
+        image[target] = 180.0
+    image = np.clip(ndimage_blur(image) + rng.normal(0.0, 10.0, image.shape), 0, 255).astype(np.uint8)
+    return image, (target if with_target else np.zeros_like(target))
+
+
+def ndimage_blur(image: np.ndarray) -> np.ndarray:
+    """Soft edges, as an ultrasound target has."""
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(image, 1.0)
+
+
+@pytest.fixture(scope="module")
+def bright_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared dataset dir + datalist: 6 labelled, 8 unlabelled (2 of them without a target) bright-low-target images."""
+    root = tmp_path_factory.mktemp("bright")
+    (root / "images").mkdir()
+    (root / "labels").mkdir()
+    lists: dict[str, list] = {"labeled": [], "unlabeled": []}
+    for i in range(14):
+        key = "labeled" if i < 6 else "unlabeled"
+        image, mask = _bright_low_target(i, with_target=i < 12)
+        name = f"case_{i:02d}.png"
+        Image.fromarray(image).save(root / "images" / name)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "labels" / name)
+        entry = {"image": f"images/{name}"}
+        if key == "labeled":
+            entry["label"] = f"labels/{name}"
+        lists[key].append(entry)
+    (root / "datalist.json").write_text(json.dumps(lists))
+    return root
+
+
+def _mean_dice(out: Path) -> float:
+    return json.loads((out / "report" / "appg_report.json").read_text())["truth"]["all"]["dice"]["mean"]
+
+
+def test_calibration_carries_to_a_large_bright_low_target(bright_set, tmp_path, caplog) -> None:
+    """Calibrated on the labelled images only, APPG finds the large bright target in the lower
+    half; the uncalibrated defaults (the paper's dark prompts, generic priors) and the old
+    BUSI-tuned constants do not, and the labelled check says so loudly."""
+    import logging
+
+    from monai_ssl.pseudo.calibration import calibrate, calibrated_prompts, calibrated_proposer, load_calibration
+
+    labelled = load_datalist(bright_set / "datalist.json", bright_set, "labeled")
+    unlabelled = load_datalist(bright_set / "datalist.json", bright_set, "unlabeled")
+    segmenter = BoxFillSegmenter(iou=None)
+    calibration = calibrate(labelled, AppearanceBoxProposer(), segmenter)
+    assert calibration["brightness"] == "bright" and calibration["prompts"][0] == "bright oval"
+    proposer_settings = calibration["proposer"]
+    assert 0.2 < proposer_settings["size_prior"][0] < 0.45 and 0.55 < proposer_settings["position_prior"][0] < 0.7
+    assert proposer_settings["default_brightness"] == "bright" and calibration["rerank_fit"]["dice_fitted"] > 0.6
+    truth = _truth(bright_set)
+
+    def run(out: Path, proposer, prompts, rerank=None) -> dict:
+        run_appg(
+            unlabelled, out, proposer, segmenter, prompts=prompts, truth_lookup=truth, overlay_count=4, progress=False,
+            rerank=rerank, check_images=labelled, config={"case": out.name},
+        )
+        return json.loads((out / "report" / "appg_report.json").read_text())
+
+    calibrated = run(tmp_path / "calibrated", calibrated_proposer(AppearanceBoxProposer(), calibration),
+                     calibrated_prompts(None, calibration), calibration["rerank"])
+    with caplog.at_level(logging.WARNING, logger="monai_ssl.pseudo.appg"):
+        default = run(tmp_path / "default", AppearanceBoxProposer(), calibrated_prompts(None, None))
+    legacy_file = Path(__file__).resolve().parents[1] / "bundles" / "dual_teacher" / "docs" / "appg_legacy_busi_tuned.json"
+    legacy_calibration = load_calibration(legacy_file)
+    legacy = run(tmp_path / "legacy", calibrated_proposer(AppearanceBoxProposer(), legacy_calibration),
+                 calibrated_prompts(None, legacy_calibration), legacy_calibration["rerank"])
+    dice = {name: r["truth"]["all"]["dice"]["mean"] for name, r in (("calibrated", calibrated), ("default", default), ("legacy", legacy))}
+    assert dice["calibrated"] > 0.65 and dice["calibrated"] > dice["default"] + 0.3 and dice["calibrated"] > dice["legacy"] + 0.3, dice
+
+    # the labelled check: run on the labelled images, Dice reported, warning below the threshold
+    assert calibrated["labelled_check"]["n"] == 6 and calibrated["labelled_check"]["dice_all"] > 0.65
+    assert calibrated["labelled_check"]["warning"] is None and calibrated["warnings"] == []
+    assert default["labelled_check"]["dice_all"] < 0.5 and "disagree with the labelled masks" in default["warnings"][0]
+    assert any("disagree with the labelled masks" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "default" / "labelled_check" / "manifest.json").is_file()
+
+
+def test_calibration_reads_only_the_labelled_masks(bright_set, tmp_path) -> None:
+    """scripts/calibrate_appg.py on a datalist whose unlabelled truth files are garbage: it never opens them."""
+    import importlib.util
+
+    spoiled = tmp_path / "data"
+    shutil.copytree(bright_set, spoiled)
+    lists = json.loads((bright_set / "datalist.json").read_text())
+    for entry in lists["unlabeled"]:
+        (spoiled / "labels" / Path(entry["image"]).name).write_bytes(b"not an image")
+    spec = importlib.util.spec_from_file_location("calibrate_appg", Path(__file__).resolve().parents[1] / "scripts" / "calibrate_appg.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "calib.json"
+    assert module.main(["--dataset-dir", str(spoiled), "--datalist", str(spoiled / "datalist.json"), "--out", str(out), "--no-segmenter"]) == 0
+    calibration = json.loads(out.read_text())
+    assert calibration["labelled_cases"] == [f"case_{i:02d}" for i in range(6)] and calibration["brightness"] == "bright"
+    assert calibration["rerank_fit"] is None  # no segmenter: the rerank weights stay generic
+    assert module.main(["--dataset-dir", str(spoiled), "--datalist", str(spoiled / "datalist.json"), "--out", str(out),
+                        "--no-segmenter", "--key", "unlabeled"]) == 1  # unlabelled entries have no label to fit
+
+
+def test_mask_evidence_follows_the_prompt_brightness() -> None:
+    image, mask = _bright_low_target(0)
+    ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    box = (int(xs[0]), int(ys[0]), int(xs[-1]), int(ys[-1]))
+    assert mask_evidence(image, mask, box)["contrast"] < -0.2  # brighter than its ring: negative "dark" contrast
+    bright = mask_evidence(image, mask, box, brightness="bright")
+    assert bright["contrast"] > 0.2
+    ring = np.zeros_like(mask)
+    ring[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1] = True  # the box: target plus darker background corners
+    # a bright prompt ranks the bright target above a mask that is less bright; a dark prompt the other way round
+    less = mask_evidence(image, ring, box, brightness="bright")
+    assert rerank_score(0.5, 0.8, bright) > rerank_score(0.5, 0.8, less)
+    with pytest.raises(ValueError, match="brightness"):
+        mask_evidence(image, mask, box, brightness="grey")
+
+
+def test_prompt_vocabulary_says_what_it_understood() -> None:
+    from monai_ssl.foundation.appearance import parse_prompt
+
+    with pytest.raises(ValueError, match=r"'ring'.*understood: brightness \['bright'\], shape none"):
+        parse_prompt("bright ring")
+    with pytest.raises(ValueError, match="'hypoechogenic'"):
+        AppearanceBoxProposer().propose(np.zeros((32, 32)) + np.eye(32), ["hypoechogenic oval"])
+    oval = parse_prompt("oval")
+    assert oval.brightness == "dark" and not oval.brightness_given and "no brightness word" in oval.describe()
+    assert parse_prompt("oval", default_brightness="bright").brightness == "bright"
+    assert parse_prompt("Dark, LOBULATED mass").brightness_given
+    assert AppearanceBoxProposer(default_brightness="bright").interpret(["oval . dark round"]) == [
+        "'oval' -> bright oval (no brightness word: default 'bright')",
+        "'dark round' -> dark round",
+    ]
+
+
+def test_report_counts_invented_masks_and_says_which_overlays(bright_set, tmp_path, caplog) -> None:
+    """Where truth exists: images without a target that got a valid mask are counted and named
+    (report and log); overlays are a seeded sample of valid and invalid images (all when few),
+    listed with the rule."""
+    import logging
+
+    from monai_ssl.pseudo.appg import overlay_selection
+
+    unlabelled = load_datalist(bright_set / "datalist.json", bright_set, "unlabeled")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="monai_ssl.pseudo.appg"):
+        run_appg(unlabelled, out, AppearanceBoxProposer(default_brightness="bright"), BoxFillSegmenter(), prompts=["bright oval"],
+                 truth_lookup=_truth(bright_set), overlay_count=4, progress=False)
+    report = json.loads((out / "report" / "appg_report.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    valid = {r["case_id"]: r["valid"] for r in manifest["images"]}
+    empty = report["truth"]["empty_truth"]
+    assert empty["n"] == 2 and empty["cases_marked_valid"] == [c for c in ("case_12", "case_13") if valid[c]]
+    assert empty["marked_valid"] == len(empty["cases_marked_valid"]) >= 1  # the bright distractor becomes an invented mask
+    assert report["truth"]["target_missed"] == sum(1 for c in list(valid)[:6] if not valid[c])
+    overlays = report["overlays"]
+    assert len(overlays["cases"]) == 4 and "seeded sample" in overlays["rule"]
+    assert sorted(p.stem for p in (out / "report" / "overlays").iterdir()) == sorted(overlays["cases"])
+    n_invalid = sum(1 for c in overlays["cases"] if not valid[c])
+    assert n_invalid == min(2, sum(1 for v in valid.values() if not v))
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("APPG report:")]
+    assert logged and f"2 without a target, {empty['marked_valid']} of them marked valid" in logged[0]
+    assert "seeded sample" in logged[0]
+
+    records = [{"valid": i % 3 == 0} for i in range(10)]
+    picked, rule = overlay_selection(records, 4)
+    assert picked == overlay_selection(records, 4)[0] and len(picked) == 4  # seeded: the same every time
+    assert sum(records[i]["valid"] for i in picked) == 2 and "2 of the 4 valid and 2 of the 6 invalid" in rule
+    assert overlay_selection(records[:3], 4) == ([0, 1, 2], "all 3 images (overlay count 4)")
+    assert overlay_selection(records, 0)[0] == []
+
+
+def test_appg_stage_calibrates_from_the_labelled_list_by_default(bright_set, tmp_path) -> None:
+    """The bundle's APPG stage: calibration "auto" fits on the labelled images (cached, in the config
+    hash), prompts default to the calibration's; "none" gives the generic defaults."""
+    from monai_ssl.engines import APPGStage
+
+    def stage(out: Path, **kwargs) -> tuple[APPGStage, CountingSegmenter]:
+        counter = CountingSegmenter(BoxFillSegmenter(iou=None))
+        return APPGStage(bright_set / "datalist.json", bright_set, out, AppearanceBoxProposer(), counter,
+                         precision="fp32", progress=False, **kwargs), counter
+
+    auto, counter = stage(tmp_path / "auto")
+    manifest = json.loads(auto.run().read_text())
+    calibration = json.loads((tmp_path / "auto" / "calibration.json").read_text())
+    assert calibration["brightness"] == "bright" and manifest["config"]["prompts"] == calibration["prompts"]
+    assert manifest["config"]["proposer"]["default_brightness"] == "bright"
+    assert manifest["config"]["calibration"]["hash"] and manifest["config"]["rerank"] == calibration["rerank"]
+    no_box = manifest["counts"]["invalid"]["no_box"]  # images without a box never reach the segmenter
+    assert counter.images == 6 + 6 + 8 - no_box  # calibration fit + labelled check + the unlabelled images
+    report = json.loads((tmp_path / "auto" / "report" / "appg_report.json").read_text())
+    assert report["labelled_check"]["n"] == 6 and report["labelled_check"]["dice_all"] > 0.65
+
+    again, counter = stage(tmp_path / "auto")
+    assert again.run() == tmp_path / "auto" / "manifest.json" and counter.images == 0  # cached calibration, complete store
+
+    none, _ = stage(tmp_path / "none", calibration="none", check_key=None)
+    plain = json.loads(none.run().read_text())
+    assert plain["config"]["calibration"] is None and plain["config"]["prompts"] == ["dark oval", "dark round", "dark lobulated"]
+    assert plain["config_hash"] != manifest["config_hash"]
+    assert json.loads((tmp_path / "none" / "report" / "appg_report.json").read_text())["labelled_check"] is None

@@ -144,7 +144,7 @@ def settings_problems(config: dict[str, Any]) -> list[str]:
         if key != "settings" and _is_plain_setting(value) and key not in settings and key not in STRING_NULLS:
             problems.append(f"top-level setting '{key}' ({value!r}) is not coerced in 'settings'")
     for sid, entry in settings.items():
-        pattern = rf"\$monai_ssl\.bundle\.as_(bool|int|float|size|weights)\(@{sid}, '{sid}'(, \w+=[\w.]+)*\)"
+        pattern = rf"\$monai_ssl\.bundle\.as_(bool|int|float|size|weights|prompts)\(@{sid}, '{sid}'(, \w+=[\w.]+)*\)"
         if sid not in config:
             problems.append(f"settings#{sid} coerces an id that the config does not define")
         if not (isinstance(entry, str) and re.fullmatch(pattern, entry)):
@@ -334,3 +334,15 @@ def test_as_weights_accepts_null_pretrained_or_an_existing_file(tmp_path: Path) 
     for bad in (str(tmp_path / "absent.pth"), "imagenet", 3, True):
         with pytest.raises(ValueError, match=r"setting 'encoder_weights': got .*nothing|setting 'encoder_weights': got"):
             as_weights(bad, "encoder_weights")
+
+
+def test_as_prompts_gives_a_list_or_none() -> None:
+    from monai_ssl.bundle import as_prompts
+
+    assert as_prompts(None, "prompts") is None and as_prompts("null", "prompts") is None
+    assert as_prompts("dark oval", "prompts") == ["dark oval"]
+    assert as_prompts("['dark oval', 'bright round']", "prompts") == ["dark oval", "bright round"]
+    assert as_prompts(["dark oval"], "prompts") == ["dark oval"]
+    for bad in ("", [], ["ok", ""], 3, "[1, 2]", "[unclosed"):
+        with pytest.raises(ValueError, match="setting 'prompts': got"):
+            as_prompts(bad, "prompts")

@@ -21,7 +21,7 @@ from .components_3d import (
     unlabeled_transforms_3d,
     validation_transforms_3d,
 )
-from .settings import as_bool, as_float, as_int, as_size, as_weights, log_settings
+from .settings import as_bool, as_float, as_int, as_prompts, as_size, as_weights, log_settings
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -44,6 +44,7 @@ __all__ = [
     "as_bool",
     "as_float",
     "as_int",
+    "as_prompts",
     "as_size",
     "as_weights",
     "log_settings",

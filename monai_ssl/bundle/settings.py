@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BOOL_WORDS", "as_bool", "as_float", "as_int", "as_size", "as_weights", "log_settings"]
+__all__ = ["BOOL_WORDS", "as_bool", "as_float", "as_int", "as_prompts", "as_size", "as_weights", "log_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +169,25 @@ def as_size(value: Any, name: str, ndim: int | None = None, minimum: int = 1, *,
         raise _fail(name, value, accepted, optional) from None
     return [single] * ndim if ndim is not None else single  # type: ignore[list-item]
 
+
+
+def as_prompts(value: Any, name: str) -> list[str] | None:
+    """Text prompts: ``None`` (``null``/``none``: the method's default), one prompt (a string) or a
+    list of non-empty strings (also written as ``"['dark oval', 'dark round']"``); always a list or
+    ``None``, so a single prompt is never read letter by letter. ``ValueError`` naming ``name`` otherwise."""
+    if _is_none(value):
+        return None
+    parsed: Any = value
+    if isinstance(parsed, str) and parsed.strip().startswith("["):
+        try:
+            parsed = ast.literal_eval(parsed.strip())
+        except (ValueError, SyntaxError):
+            raise _fail(name, value, "a prompt, a list of prompts or null", False) from None
+    if isinstance(parsed, str):
+        parsed = [parsed]
+    if isinstance(parsed, Sequence) and parsed and all(isinstance(p, str) and p.strip() for p in parsed):
+        return [p.strip() for p in parsed]
+    raise _fail(name, value, "a prompt, a list of non-empty prompts or null", False)
 
 
 def as_weights(value: Any, name: str) -> str | None:

@@ -49,12 +49,21 @@ from torch import nn
 
 from monai_ssl.data.datalist import load_datalist
 from monai_ssl.evaluation.handlers import MetricsLogger
-from monai_ssl.foundation.appearance import DEFAULT_PROMPTS
 from monai_ssl.foundation.interfaces import AutocastSegmenter, BoxProposer, PromptableSegmenter, bf16_supported
 from monai_ssl.handlers.checkpoint import ResumeCheckpoint, atomic_torch_save, is_rank0, unwrap
 from monai_ssl.handlers.teachers import freeze
 from monai_ssl.methods.supervised import SupervisedObjective
-from monai_ssl.pseudo.appg import config_hash, run_appg, store_lock, valid_pseudo_datalist
+from monai_ssl.pseudo.appg import DEFAULT_MIN_CHECK_DICE, config_hash, run_appg, store_lock, valid_pseudo_datalist
+from monai_ssl.pseudo.calibration import (
+    CALIBRATION_VERSION,
+    NoTargetError,
+    calibrate,
+    calibrated_prompts,
+    calibrated_proposer,
+    calibration_record,
+    load_calibration,
+    save_calibration,
+)
 from monai_ssl.utils import atomic_write, remove_stale_temps, safe_torch_load
 
 from .trainer import SemiSupervisedTrainer
@@ -171,7 +180,7 @@ class APPGStage:
         out_dir: the pseudo-label store (masks, journal, manifest, report).
         proposer: box proposer (e.g. :class:`~monai_ssl.foundation.AppearanceBoxProposer`).
         segmenter: promptable segmenter (e.g. ``LiteMedSAMPredictor``).
-        prompts: appearance prompts (default: the paper's three).
+        prompts: appearance prompts (default None: the calibration's, else the paper's three).
         top_k: candidate boxes per image.
         candidate_policy: one of :data:`monai_ssl.pseudo.appg.CANDIDATE_POLICIES` (default
             ``"rerank"``: box score, predicted IoU and the mask's own image evidence).
@@ -184,6 +193,16 @@ class APPGStage:
         workers: processes computing the images (``run_appg``'s ``workers``: more than 1 spawns
             that many worker processes, each with a copy of the proposer and segmenter and
             ``torch.get_num_threads() // workers`` threads); not part of the settings hash.
+        calibration: ``"auto"`` (default): fitted on the datalist's ``calibration_key`` images
+            and masks only (:func:`monai_ssl.pseudo.calibration.calibrate`, cached in
+            ``<out_dir>/calibration.json`` and reused while its inputs are unchanged); a path to a
+            calibration JSON (``scripts/calibrate_appg.py``); a calibration dict; or ``"none"``
+            (also None, False, ``"false"``, ``"off"``) for the generic defaults. Recorded in the
+            APPG config hash.
+        calibration_key: datalist key of the labelled images used by ``"auto"``.
+        check_key: datalist key of the labelled images APPG is also run on to report its Dice
+            against their masks (``run_appg``'s ``check_images``); None skips the check.
+        min_check_dice: below this labelled-image Dice APPG warns (log and report).
         seed: the run's seed; :meth:`run` starts with ``seed_stage(seed, "appg")``. Not part of
             the settings hash: the shipped proposers and segmenters draw no random numbers (with
             ``workers > 1`` a random one would not be reproducible anyway, since chunks go to
@@ -197,7 +216,7 @@ class APPGStage:
         out_dir: str | os.PathLike,
         proposer: BoxProposer,
         segmenter: PromptableSegmenter,
-        prompts: Sequence[str] = DEFAULT_PROMPTS,
+        prompts: Sequence[str] | None = None,
         top_k: int = 3,
         candidate_policy: str = "rerank",
         min_foreground: float = 0.01,
@@ -207,6 +226,10 @@ class APPGStage:
         key: str = "unlabeled",
         progress: bool = True,
         workers: int = 1,
+        calibration: str | os.PathLike | Mapping[str, Any] | bool | None = "auto",
+        calibration_key: str = "labeled",
+        check_key: str | None = "labeled",
+        min_check_dice: float = DEFAULT_MIN_CHECK_DICE,
         seed: int = 0,
     ) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -218,7 +241,10 @@ class APPGStage:
         self.proposer = proposer
         self.bf16 = precision == "bf16" or (precision == "auto" and bf16_supported())
         self.segmenter = segmenter
-        self.prompts = list(prompts)
+        self.prompts = list(prompts) if prompts else None
+        off = calibration is None or calibration is False or (isinstance(calibration, str) and calibration.lower() in ("none", "false", "off"))
+        self.calibration = None if off else calibration
+        self.calibration_key, self.check_key, self.min_check_dice = calibration_key, check_key, float(min_check_dice)
         self.top_k, self.candidate_policy, self.min_foreground = top_k, candidate_policy, min_foreground
         self.rerank = dict(rerank) if rerank else None
         self.truth_dir = Path(truth_dir) if truth_dir else None
@@ -235,16 +261,69 @@ class APPGStage:
         """Number of images to pseudo-label (the datalist's ``key`` list, checked as :meth:`run` loads it)."""
         return len(load_datalist(self.datalist, self.dataset_dir, self.key))
 
+    def _calibration(self, segmenter: PromptableSegmenter, segmenter_config: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The calibration to use (see the class docstring); ``"auto"`` fits it or reuses the cached fit."""
+        if self.calibration is None:
+            return None
+        if isinstance(self.calibration, Mapping):
+            return dict(self.calibration)
+        if not (isinstance(self.calibration, str) and self.calibration == "auto"):
+            return load_calibration(self.calibration)
+        labelled = load_datalist(self.datalist, self.dataset_dir, self.calibration_key)
+        inputs = {
+            "version": CALIBRATION_VERSION,
+            "labelled": [
+                [item["image"], item["label"], hashlib.sha256(Path(item["label"]).read_bytes()).hexdigest()] for item in labelled
+            ],
+            "proposer": component_description(self.proposer),
+            "segmenter": dict(segmenter_config),
+            "prompts": self.prompts,
+            "top_k": self.top_k,
+        }
+        digest = config_hash(inputs)
+        cache = self.out_dir / "calibration.json"
+        with store_lock(self.out_dir):
+            try:
+                cached = json.loads(cache.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                cached = None
+            if isinstance(cached, dict) and cached.get("inputs_hash") == digest:
+                return cached
+            logger.info("APPG: calibrating on the %d images of %r of %s (their masks only)", len(labelled), self.calibration_key, self.datalist)
+            try:
+                calibration = calibrate(
+                    labelled, self.proposer, segmenter, self.prompts, self.top_k,
+                    source=f"auto: {len(labelled)} images of key {self.calibration_key!r} of {self.datalist}",
+                )
+            except NoTargetError as err:
+                logger.warning("%s: APPG uses the generic defaults", err)
+                return None
+            calibration["inputs_hash"] = digest
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_calibration(cache, calibration)
+        return calibration
+
     def run(self) -> Path:
         """Make (or reuse, or finish) the pseudo-labels; return the manifest path."""
         seed_stage(self.seed, "appg")
         images = load_datalist(self.datalist, self.dataset_dir, self.key)
         segmenter = AutocastSegmenter(self.segmenter) if self.bf16 else self.segmenter
+        segmenter_config = {**component_description(self.segmenter), "precision": "bf16" if self.bf16 else "fp32"}
+        calibration = self._calibration(segmenter, segmenter_config)
+        proposer = calibrated_proposer(self.proposer, calibration)
+        prompts = calibrated_prompts(self.prompts, calibration)
+        rerank = {**(calibration or {}).get("rerank", {}), **(self.rerank or {})} or None
+        check_images = load_datalist(self.datalist, self.dataset_dir, self.check_key) if self.check_key else None
         # the same description as scripts/run_appg.py, so each reuses the other's results
         config = {
-            "proposer": component_description(self.proposer),
-            "segmenter": {**component_description(self.segmenter), "precision": "bf16" if self.bf16 else "fp32"},
+            "proposer": component_description(proposer),
+            "segmenter": segmenter_config,
+            "calibration": calibration_record(calibration),
         }
+        notes = ["no calibration: the proposer's and rerank's generic defaults"] if calibration is None else [
+            f"calibration ({calibration.get('source')}): brightness {calibration.get('brightness')}",
+            *(f"calibration warning: {w}" for w in calibration.get("warnings", [])),
+        ]
         truth_lookup = None
         if self.truth_dir is not None:
             truth_dir = self.truth_dir
@@ -254,9 +333,9 @@ class APPGStage:
                 return path if path.exists() else None
 
         return run_appg(
-            images, self.out_dir, self.proposer, segmenter, self.prompts, self.top_k, self.candidate_policy,
-            self.min_foreground, config=config, truth_lookup=truth_lookup, progress=self.progress, rerank=self.rerank,
-            workers=self.workers,
+            images, self.out_dir, proposer, segmenter, prompts, self.top_k, self.candidate_policy,
+            self.min_foreground, config=config, truth_lookup=truth_lookup, progress=self.progress, rerank=rerank,
+            workers=self.workers, check_images=check_images, min_check_dice=self.min_check_dice, notes=notes,
         )
 
 

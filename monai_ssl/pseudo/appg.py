@@ -10,8 +10,16 @@ predicts its IoU (Eq.5), and ``candidate_policy`` makes the pseudo-label:
 * ``"union"``: the union of all candidate masks (its ``predicted_iou`` is their mean);
 * ``"rerank"`` (default): the candidate with the highest combined evidence (:func:`rerank_score`):
   the proposer's box score, LiteMedSAM's predicted IoU, and image evidence of the mask itself
-  (:func:`mask_evidence`: darker than a ring around it, its bounding box agrees with the prompt
-  box, away from the image border). No truth is used; the weights are :data:`DEFAULT_RERANK`.
+  (:func:`mask_evidence`: darker, or for a "bright" prompt brighter, than a ring around it, its
+  bounding box agrees with the prompt box, away from the image border). No truth is used at run
+  time; the weights are :data:`DEFAULT_RERANK` (generic) unless a calibration
+  (:mod:`monai_ssl.pseudo.calibration`, fitted on the split's labelled images only) gives others.
+
+Failing loudly: with ``check_images`` (the split's labelled images and their masks),
+:func:`run_appg` also pseudo-labels those images (into ``<out>/labelled_check``) and reports the
+Dice of APPG's masks against their truth: the honest estimate of pseudo-label quality that needs
+no unlabelled truth. Below ``min_check_dice`` a warning ("pseudo-labels disagree with the
+labelled masks") goes to the log and into the report.
 
 Eq.6 validity: ``valid = foreground_fraction > min_foreground`` (δ, default 0.01); an image
 without any box is invalid (reason ``"no_box"``), one whose mask covers δ of the image or less is
@@ -93,7 +101,7 @@ from tqdm import tqdm
 
 # monai_ssl.data.datalist and monai_ssl.evaluation are imported where used: a worker process
 # (see _WORKER_BOOTSTRAP) imports this module without the rest of monai_ssl and MONAI
-from monai_ssl.foundation.appearance import DEFAULT_PROMPTS, BoxProposal, box_iou
+from monai_ssl.foundation.appearance import DEFAULT_PROMPTS, BoxProposal, box_iou, prompt_brightness
 from monai_ssl.foundation.interfaces import BoxProposer, PromptableSegmenter
 from monai_ssl.foundation.litemedsam import BoxSegmentation
 from monai_ssl.utils import atomic_path, atomic_write
@@ -105,6 +113,7 @@ __all__ = [
     "OPTIONAL_RERANK",
     "appg_report",
     "config_hash",
+    "overlay_selection",
     "mask_evidence",
     "read_gray8",
     "rerank_score",
@@ -118,14 +127,19 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CANDIDATE_POLICIES: tuple[str, ...] = ("best_iou", "top_box", "union", "rerank")
-#: Weights of the ``"rerank"`` policy (see :func:`rerank_score`), chosen on a development subset of
-#: BUSI's unlabelled images (first 80 benign and first 40 malignant by id) without looking at the others.
+#: Generic weights of the ``"rerank"`` policy (see :func:`rerank_score`), chosen without looking at
+#: any masks: every piece of evidence counts once (weight 1 on its log: a plain product of the
+#: evidence), the contrast scale and border penalty as the proposer's generic defaults.
+#: :func:`monai_ssl.pseudo.calibration.calibrate` fits them on the split's labelled images. (Earlier
+#: versions used score 0.5, predicted_iou 2, contrast_scale 0.3, box_agreement 2, border 4, chosen
+#: on the truth of about 120 unlabelled BUSI images: label leakage.)
 DEFAULT_RERANK: dict[str, float] = {
-    "score": 0.5,  # weight of log(proposer box score)
-    "predicted_iou": 2.0,  # weight of log(LiteMedSAM predicted IoU)
-    "contrast_scale": 0.3,  # ring-minus-inside contrast of the mask giving 1 - 1/e (weight 1 on its log)
-    "box_agreement": 2.0,  # weight of log(IoU of the mask's bounding box with the prompt box)
-    "border": 4.0,  # penalty per unit of the mask outline's fraction on the image border
+    "score": 1.0,  # weight of log(proposer box score)
+    "predicted_iou": 1.0,  # weight of log(LiteMedSAM predicted IoU)
+    "contrast": 1.0,  # weight of log(1 - exp(-contrast / contrast_scale))
+    "contrast_scale": 0.2,  # mask contrast (ring vs inside, signed by the prompt's brightness) giving 1 - 1/e
+    "box_agreement": 1.0,  # weight of log(IoU of the mask's bounding box with the prompt box)
+    "border": 2.0,  # penalty per unit of the mask outline's fraction on the image border
 }
 #: Optional ``"rerank"`` weights, off unless given (and only then part of the config hash):
 #: ``valid_bonus`` is added to the rank of candidates whose mask covers more than δ (Eq.6), trading
@@ -133,6 +147,10 @@ DEFAULT_RERANK: dict[str, float] = {
 #: 0.70 against 78 % at 0.74 without it).
 OPTIONAL_RERANK: dict[str, float] = {"valid_bonus": 0.0}
 INVALID_REASONS: tuple[str, ...] = ("no_box", "below_delta")
+#: Folder (inside the store) of the labelled-image check run.
+CHECK_DIR = "labelled_check"
+#: Default ``min_check_dice``: below it the labelled-image check warns.
+DEFAULT_MIN_CHECK_DICE = 0.5
 MANIFEST_NAME = "manifest.json"
 JOURNAL_NAME = "journal.jsonl"
 LOCK_NAME = ".appg.lock"
@@ -289,16 +307,22 @@ def _resume(out_dir: Path, digest: str, settings: Mapping[str, Any]) -> dict[str
     return done
 
 
-def mask_evidence(image: np.ndarray, mask: np.ndarray, box: Sequence[int], work_size: int = 128) -> dict[str, float]:
-    """Image evidence for one candidate mask (no truth): is it a dark, compact blob that agrees with its box?
+def mask_evidence(
+    image: np.ndarray, mask: np.ndarray, box: Sequence[int], work_size: int = 128, brightness: str = "dark"
+) -> dict[str, float]:
+    """Image evidence for one candidate mask (no truth): is it a blob of the asked ``brightness``
+    ("dark": darker than its surroundings, "bright": brighter) that agrees with its box?
 
     Computed on a copy whose longest side is at most ``work_size`` (speed). Returns
     ``contrast`` (mean of the robustly [0, 1]-scaled, lightly smoothed image in a ring around the
-    mask minus its mean inside the mask; ring width a quarter of the mask's equivalent radius),
+    mask minus its mean inside the mask, negated for "bright"; ring width a quarter of the mask's
+    equivalent radius),
     ``box_agreement`` (IoU of the mask's bounding box with the prompt box), ``border`` (fraction
     of the mask's outline on the image border) and ``area_fraction``. An empty mask gives zeros
     (border 1).
     """
+    if brightness not in ("dark", "bright"):
+        raise ValueError(f"brightness must be 'dark' or 'bright', got {brightness!r}")
     gray = np.asarray(image, dtype=np.float64)
     if gray.ndim == 3:
         gray = gray.mean(axis=-1)
@@ -317,6 +341,8 @@ def mask_evidence(image: np.ndarray, mask: np.ndarray, box: Sequence[int], work_
         radius = np.sqrt(small_mask.sum() / np.pi)
         ring = ndimage.binary_dilation(small_mask, iterations=max(2, int(round(0.25 * radius)))) & ~small_mask
         contrast = float(small[ring].mean() - small[small_mask].mean()) if ring.any() else 0.0
+        if brightness == "bright":
+            contrast = -contrast
         edge = small_mask & ~ndimage.binary_erosion(small_mask)
         on_border = edge[0, :].sum() + edge[-1, :].sum() + edge[1:-1, 0].sum() + edge[1:-1, -1].sum()
         border = float(on_border / max(1, edge.sum()))
@@ -328,11 +354,11 @@ def rerank_score(
 ) -> float:
     """Log-evidence of one candidate for the ``"rerank"`` policy (higher is better).
 
-    ``w_score * log(box_score) + w_iou * log(predicted_iou) + log(1 - exp(-contrast / contrast_scale))
-    + w_agreement * log(box_agreement) - w_border * border``, with the weights of ``weights``
-    (keys of :data:`DEFAULT_RERANK`; missing keys take the defaults) and ``evidence`` from
-    :func:`mask_evidence`. A mask that is not darker than its surroundings or an empty one scores
-    very low but finitely, so ties still resolve.
+    ``w_score * log(box_score) + w_iou * log(predicted_iou) + w_contrast * log(1 - exp(-contrast /
+    contrast_scale)) + w_agreement * log(box_agreement) - w_border * border``, with the weights of
+    ``weights`` (keys of :data:`DEFAULT_RERANK`; missing keys take the defaults) and ``evidence``
+    from :func:`mask_evidence` (its contrast already signed by the prompt's brightness). A mask
+    without the asked contrast or an empty one scores very low but finitely, so ties still resolve.
     """
     w = {**DEFAULT_RERANK, **(weights or {})}
     floor = 1e-6
@@ -340,7 +366,7 @@ def rerank_score(
     return float(
         w["score"] * np.log(max(box_score, floor))
         + w["predicted_iou"] * np.log(max(predicted_iou, floor))
-        + np.log(max(contrast, floor))
+        + w["contrast"] * np.log(max(contrast, floor))
         + w["box_agreement"] * np.log(max(float(evidence["box_agreement"]), floor))
         - w["border"] * float(evidence["border"])
     )
@@ -385,8 +411,13 @@ def _process_chunk(
     policy: str,
     min_foreground: float,
     rerank: Mapping[str, float] | None = None,
+    brightness: Mapping[str, str] | None = None,
 ) -> list[dict]:
-    """Propose, segment (one ``segment_batch`` call for the chunk), choose, write masks; records in chunk order."""
+    """Propose, segment (one ``segment_batch`` call for the chunk), choose, write masks; records in chunk order.
+
+    ``brightness`` maps a candidate's prompt to the brightness its mask evidence is measured for
+    (default: :func:`~monai_ssl.foundation.appearance.prompt_brightness` with "dark").
+    """
     images, proposals, seconds = [], [], []
     for case_id, image_path in chunk:
         start = time.perf_counter()
@@ -433,7 +464,8 @@ def _process_chunk(
                 candidate["predicted_iou"] = float(iou)
                 candidate["foreground_fraction"] = float(np.mean(mask))
                 if policy == "rerank":
-                    evidence = mask_evidence(images[i], mask, candidate["box"])
+                    wanted = (brightness or {}).get(candidate["prompt"]) or prompt_brightness(candidate["prompt"])
+                    evidence = mask_evidence(images[i], mask, candidate["box"], brightness=wanted)
                     candidate["evidence"] = {k: evidence[k] for k in ("contrast", "box_agreement", "border")}
                     candidate["rank"] = rerank_score(candidate["score"], float(iou), evidence, rerank)
                     if candidate["foreground_fraction"] > min_foreground:
@@ -476,11 +508,13 @@ class _ChunkJob:
     policy: str
     min_foreground: float
     rerank: Mapping[str, float] | None
+    brightness: Mapping[str, str] | None = None
 
     def run(self, chunk: Sequence[tuple[str, str]], proposer: BoxProposer, segmenter: PromptableSegmenter) -> list[dict]:
         """:func:`_process_chunk` of ``chunk`` with these settings."""
         return _process_chunk(
-            chunk, self.out_dir, proposer, segmenter, self.prompts, self.top_k, self.policy, self.min_foreground, self.rerank
+            chunk, self.out_dir, proposer, segmenter, self.prompts, self.top_k, self.policy, self.min_foreground, self.rerank,
+            self.brightness,
         )
 
 
@@ -745,6 +779,9 @@ def run_appg(
     rerank: Mapping[str, float] | None = None,
     workers: int = 1,
     threads_per_worker: int | None = None,
+    check_images: Sequence[Mapping[str, Any]] | None = None,
+    min_check_dice: float = DEFAULT_MIN_CHECK_DICE,
+    notes: Sequence[str] = (),
 ) -> Path:
     """Make APPG pseudo-labels for ``images`` into ``out_dir``; returns the manifest path (see the module docstring).
 
@@ -774,6 +811,12 @@ def run_appg(
             must therefore pickle). Not part of the config hash: the outputs are the same.
         threads_per_worker: torch CPU threads of each worker process (default: this process's
             ``torch.get_num_threads()`` divided by ``workers``, at least 1); unused with 1 worker.
+        check_images: labelled datalist entries (``image`` and ``label`` paths): pseudo-labelled
+            first with the same settings into ``<out_dir>/labelled_check`` (its own store) and
+            compared with their masks; the Dice goes into the report (``labelled_check``) and the
+            log, with a warning below ``min_check_dice``. Not part of the config hash.
+        min_check_dice: the Dice over the check images below which APPG warns.
+        notes: extra lines for the report's ``notes`` (e.g. what the calibration said).
     """
     if candidate_policy not in CANDIDATE_POLICIES:
         raise ValueError(f"candidate_policy must be one of {CANDIDATE_POLICIES}, got {candidate_policy!r}")
@@ -806,6 +849,21 @@ def run_appg(
     settings.update(config or {})
     digest = config_hash(settings)
     entries = _case_entries(images)
+    notes = list(notes) + _prompt_notes(proposer, prompts)
+    brightness = {
+        phrase: prompt_brightness(phrase, getattr(proposer, "default_brightness", "dark"))
+        for prompt in prompts
+        for phrase in [prompt, *(p.strip() for p in prompt.split(".") if p.strip())]
+    }
+    labelled_check = None
+    if check_images:
+        labelled_check = _labelled_check(
+            check_images, out_dir / CHECK_DIR, min_check_dice,
+            dict(proposer=proposer, segmenter=segmenter, prompts=prompts, top_k=top_k, candidate_policy=candidate_policy,
+                 min_foreground=min_foreground, config=config, overlay_count=overlay_count,
+                 encoder_batch_size=encoder_batch_size, progress=progress, rerank=rerank, workers=workers,
+                 threads_per_worker=threads_per_worker),
+        )
     with store_lock(out_dir):
         manifest_path = out_dir / MANIFEST_NAME
         existing = _read_json(manifest_path)
@@ -816,6 +874,10 @@ def run_appg(
             and [(r["case_id"], r["image"]) for r in existing.get("images", [])] == entries
         ):
             logger.info("APPG %s is complete for config %s: nothing to do", manifest_path, digest[:12])
+            report_file = out_dir / "report" / "appg_report.json"
+            previous = _read_json(report_file)
+            if previous is not None and (previous.get("labelled_check") != labelled_check or previous.get("notes") != notes):
+                appg_report(manifest_path, truth_lookup, out_dir / "report", overlay_count, labelled_check, notes)
             return manifest_path
 
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -826,7 +888,7 @@ def run_appg(
             logger.info("APPG resumes in %s: %d of %d images already done", out_dir, len(entries) - len(todo), len(entries))
 
         start = time.perf_counter()
-        job = _ChunkJob(out_dir, list(prompts), top_k, candidate_policy, min_foreground, settings.get("rerank"))
+        job = _ChunkJob(out_dir, list(prompts), top_k, candidate_policy, min_foreground, settings.get("rerank"), brightness)
         used_workers, threads = 1, torch.get_num_threads()
         with open(out_dir / JOURNAL_NAME, "a", encoding="utf-8") as journal, tqdm(
             total=len(entries), initial=len(entries) - len(todo), desc="APPG", unit="img", disable=not progress
@@ -878,8 +940,87 @@ def run_appg(
         }
         atomic_write(manifest_path, json.dumps(manifest, indent=1) + "\n")
         if records:
-            appg_report(manifest_path, truth_lookup=truth_lookup, out_dir=out_dir / "report", overlay_count=overlay_count)
+            report = appg_report(
+                manifest_path, truth_lookup=truth_lookup, out_dir=out_dir / "report", overlay_count=overlay_count,
+                labelled_check=labelled_check, notes=notes,
+            )
+            _log_report(report)
         return manifest_path
+
+
+def _log_report(report: Mapping[str, Any]) -> None:
+    """One log line with the counts, the target-free images that got a mask, and the overlays drawn."""
+    counts, truth = report["counts"], report["truth"]
+    line = f"APPG report: {counts['valid']} of {counts['total']} images valid"
+    if truth is not None:
+        empty = truth["empty_truth"]
+        line += (
+            f"; Dice against truth {truth['all']['dice']['mean']:.3f} over the {truth['all']['n']} with truth; "
+            f"{empty['n']} without a target, {empty['marked_valid']} of them marked valid"
+        )
+        if empty["cases_marked_valid"]:
+            line += f" ({', '.join(empty['cases_marked_valid'][:10])}{', ...' if empty['marked_valid'] > 10 else ''})"
+    line += f"; overlays: {report['overlays']['rule']}"
+    logger.info("%s", line)
+
+
+def _prompt_notes(proposer: BoxProposer, prompts: Sequence[str]) -> list[str]:
+    """How the proposer reads the prompts (logged; a warning for a defaulted brightness); raises for
+    words outside an appearance proposer's vocabulary. Proposers without ``interpret`` (Grounding
+    DINO reads free text) give no notes."""
+    interpret = getattr(proposer, "interpret", None)
+    if not callable(interpret):
+        return []
+    lines = [f"prompt {line}" for line in interpret(prompts)]
+    for line in lines:
+        (logger.warning if "no brightness word" in line else logger.info)("APPG %s", line)
+    return lines
+
+
+def _labelled_check(
+    check_images: Sequence[Mapping[str, Any]], out_dir: Path, min_check_dice: float, run_kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Run APPG on the labelled ``check_images`` into ``out_dir`` and summarise its Dice against their masks."""
+    truth = {}
+    for case_id, item in zip((c for c, _ in _case_entries(check_images)), check_images):
+        label = item.get("label")
+        if not isinstance(label, (str, os.PathLike)):
+            raise ValueError(f"APPG labelled check: case {case_id} ({item.get('image')}) has no 'label' mask path")
+        truth[case_id] = Path(label)
+    missing = [f"{c} ({p})" for c, p in truth.items() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"APPG labelled check: label masks not found: {missing}")
+    images = [{k: v for k, v in item.items() if k != "label"} for item in check_images]
+    logger.info("APPG labelled check: pseudo-labelling the %d labelled images to compare with their masks", len(images))
+    manifest_path = run_appg(images, out_dir, truth_lookup=truth.get, **run_kwargs)
+    report = _read_json(out_dir / "report" / "appg_report.json") or appg_report(manifest_path, truth.get, out_dir / "report", 0)
+    quality = report["truth"]
+    dice_all = quality["all"]["dice"]["mean"]
+    summary: dict[str, Any] = {
+        "n": quality["all"]["n"],
+        "store": str(out_dir),
+        "dice_all": dice_all,
+        "dice_valid": None if quality["valid"] is None else quality["valid"]["dice"]["mean"],
+        "valid": report["counts"]["valid"],
+        "min_check_dice": min_check_dice,
+        "note": (
+            "APPG run on the split's labelled images and compared with their masks: the estimate of pseudo-label "
+            "quality that needs no unlabelled truth (in-sample for anything calibrated on these same images)"
+        ),
+        "warning": None,
+    }
+    dice_valid = "" if summary["dice_valid"] is None else f", Dice {summary['dice_valid']:.3f} over those"
+    message = f"APPG labelled check: Dice {dice_all:.3f} over the {summary['n']} labelled images ({summary['valid']} valid{dice_valid})"
+    if dice_all < min_check_dice:
+        summary["warning"] = (
+            f"pseudo-labels disagree with the labelled masks: Dice {dice_all:.3f} over the {summary['n']} labelled images is "
+            f"below min_check_dice {min_check_dice}; check the prompts and the calibration (scripts/calibrate_appg.py) "
+            "before training on these pseudo-labels"
+        )
+        logger.warning("APPG %s", summary["warning"])
+    else:
+        logger.info("%s", message)
+    return summary
 
 
 def _load_complete_manifest(manifest_path: str | Path) -> dict:
@@ -907,16 +1048,23 @@ def appg_report(
     truth_lookup: Callable[[str], str | Path | None] | None = None,
     out_dir: str | Path | None = None,
     overlay_count: int = 16,
+    labelled_check: Mapping[str, Any] | None = None,
+    notes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Counts, pseudo-label quality against truth masks where they exist, speed; CSV, JSON and overlays.
 
     ``truth_lookup`` maps a case id to its truth mask path; a ``None`` or a path that does not
     exist means no truth for that case. Pseudo-label Dice/IoU (``case_metrics``: an empty truth and
     an empty pseudo-label give 1) are summarised over all images with truth and over the valid
-    ones. Writes into ``out_dir`` (default ``<manifest folder>/report``): ``appg_per_case.csv`` and
-    ``appg_summary.json`` (:func:`~monai_ssl.evaluation.write_report`), ``appg_report.json`` (the
-    returned dict) and ``overlays/<case_id>.png`` for the first ``overlay_count`` images (truth
-    green, pseudo-label red).
+    ones; ``truth.empty_truth`` counts the images whose truth is empty (no target) and how many
+    of them APPG still marked valid (an invented mask), ``truth.target_missed`` those with a
+    target but no valid mask. Writes into ``out_dir`` (default ``<manifest folder>/report``):
+    ``appg_per_case.csv`` and ``appg_summary.json`` (:func:`~monai_ssl.evaluation.write_report`),
+    ``appg_report.json`` (the returned dict) and ``overlays/<case_id>.png`` (truth green,
+    pseudo-label red) for the images :func:`overlay_selection` picks: all of them when there are
+    at most ``overlay_count``, else a seeded sample of valid and invalid ones; ``overlays`` in the
+    report names them and the rule. ``labelled_check`` (from :func:`run_appg`'s ``check_images``)
+    and ``notes`` are copied into the report; ``warnings`` collects the check's warning.
     """
     from monai_ssl.evaluation import case_metrics, save_overlay, write_report
 
@@ -954,6 +1102,7 @@ def appg_report(
 
     with_truth = [r for r in rows if "dice" in r]
     seconds = sum(r["seconds"] for r in records)
+    empty_truth = [r for r in with_truth if r["truth_fraction"] == 0.0]
     summary: dict[str, Any] = {
         "manifest": str(manifest_path),
         "config_hash": manifest["config_hash"],
@@ -961,18 +1110,70 @@ def appg_report(
         "images_per_second": len(records) / seconds if seconds > 0 else None,
         "truth": None
         if not with_truth
-        else {"all": _mean_std(with_truth), "valid": _mean_std([r for r in with_truth if r["valid"]])},
+        else {
+            "all": _mean_std(with_truth),
+            "valid": _mean_std([r for r in with_truth if r["valid"]]),
+            "with_truth": len(with_truth),
+            "empty_truth": {
+                "n": len(empty_truth),
+                "marked_valid": sum(1 for r in empty_truth if r["valid"]),
+                "cases_marked_valid": [r["case_id"] for r in empty_truth if r["valid"]],
+            },
+            "target_missed": sum(1 for r in with_truth if r["truth_fraction"] > 0.0 and not r["valid"]),
+        },
     }
-    for record, row in zip(records[:overlay_count], rows):
+    chosen, rule = overlay_selection(records, overlay_count)
+    summary["overlays"] = {"rule": rule, "cases": [records[i]["case_id"] for i in chosen], "folder": str(out_dir / "overlays")}
+    overlay_dir = out_dir / "overlays"
+    if overlay_dir.is_dir():  # only this report's overlays, so the folder matches "overlays.cases"
+        keep = {f"{records[i]['case_id']}.png" for i in chosen}
+        for stale in overlay_dir.glob("*.png"):
+            if stale.name not in keep:
+                stale.unlink()
+    for i in chosen:
+        record, row = records[i], rows[i]
         case_id = record["case_id"]
         pred = _read_mask(manifest_path.parent / record["mask"])
         truth = truths.get(case_id, np.zeros_like(pred))
         title = f"{case_id} {'valid' if record['valid'] else record['reason']}"
         if "dice" in row:
             title += f" dice={row['dice']:.2f}"
-        save_overlay(read_gray8(record["image"]), truth, pred, out_dir / "overlays" / f"{case_id}.png", title, xy_order=False)
+            if row["truth_fraction"] == 0.0 and record["valid"]:
+                title += " (no target: invented mask)"
+        save_overlay(read_gray8(record["image"]), truth, pred, overlay_dir / f"{case_id}.png", title, xy_order=False)
+    summary["labelled_check"] = None if labelled_check is None else dict(labelled_check)
+    summary["notes"] = list(notes)
+    summary["warnings"] = [w for w in [(labelled_check or {}).get("warning")] if w]
     atomic_write(out_dir / "appg_report.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def overlay_selection(records: Sequence[Mapping[str, Any]], count: int, seed: int = 0) -> tuple[list[int], str]:
+    """Which records get an overlay, and the rule in words.
+
+    All of them when there are at most ``count``; else a sample drawn with
+    ``numpy.random.default_rng(seed)``: ``count // 2`` invalid images (fewer when there are fewer)
+    and valid ones for the rest, so that both kinds can be inspected. Indices in record order.
+    """
+    n = len(records)
+    if count <= 0:
+        return [], "none (overlay count 0)"
+    if n <= count:
+        return list(range(n)), f"all {n} images (overlay count {count})"
+    valid = [i for i, r in enumerate(records) if r["valid"]]
+    invalid = [i for i, r in enumerate(records) if not r["valid"]]
+    n_invalid = min(len(invalid), count // 2)
+    n_valid = min(len(valid), count - n_invalid)
+    n_invalid = min(len(invalid), count - n_valid)
+    rng = np.random.default_rng(seed)
+    picked = sorted(
+        [int(i) for i in rng.choice(valid, n_valid, replace=False)] + [int(i) for i in rng.choice(invalid, n_invalid, replace=False)]
+    ) if (n_valid or n_invalid) else []
+    rule = (
+        f"a seeded sample (numpy default_rng({seed})) of {n_valid} of the {len(valid)} valid and {n_invalid} of the "
+        f"{len(invalid)} invalid images (overlay count {count} < {n} images)"
+    )
+    return picked, rule
 
 
 def valid_pseudo_datalist(manifest_path: str | Path) -> list[dict[str, str]]:
