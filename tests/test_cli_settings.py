@@ -216,17 +216,22 @@ def test_every_boolean_setting_means_the_word_given(bundle: str, configs: list[s
             assert got == dict.fromkeys(ids, expected), (word, got)
 
 
+#: a value that is wrong for the setting where "abc" is a legitimate one (any text is a prompt)
+BAD_VALUES = {"prompts": "[1, 2]"}
+
+
 @pytest.mark.parametrize("bundle, configs", CASES)
 def test_a_bad_value_of_any_setting_stops_start_up_naming_it(bundle: str, configs: list[str]) -> None:
     raw = _raw_config(bundle, configs)
     start = raw["initialize"].index(LOG_SETTINGS)
     for sid in raw["settings"]:
-        parser = _parser(bundle, configs, **{sid: "abc"})
+        bad = BAD_VALUES.get(sid, "abc")
+        parser = _parser(bundle, configs, **{sid: bad})
         # the start-up item itself; multi_gpu_train's needs a process group, so check the setting
         target = f"settings#{sid}" if "multi_gpu_train.json" in configs else f"initialize#{start}"
         with pytest.raises(Exception) as info:
             parser.get_parsed_content(target)
-        assert any(f"setting '{sid}': got 'abc'" in m for m in error_messages(info.value)), (sid, target)
+        assert any(f"setting '{sid}': got {bad!r}" in m for m in error_messages(info.value)), (sid, target)
 
 
 # ---------------------------------------------------------------------------------------------
