@@ -545,3 +545,35 @@ def test_committed_datalists_match_prepared_real_data(tmp_path: Path, prepare_da
         assert tuple(len(v) for v in lists.values()) == counts
         assert len({e["case_id"] for v in lists.values() for e in v}) == sum(counts)  # disjoint
         assert json.loads(path.read_text())["protocol"]["counts"]["labeled"] == counts[0]
+
+
+def test_shared_augmentation_moves_image_and_mask_together_and_jitters_intensity_only(tmp_path) -> None:
+    """With augmentation on, the mask follows every spatial change of the image (flip, rotation,
+    zoom), stays binary, and only the image's intensities are jittered."""
+    import numpy as np
+    from PIL import Image
+
+    from monai_ssl.bundle import segmentation_transforms_2d
+
+    img = np.zeros((64, 64), np.uint8)
+    img[10:30, 5:25] = 200
+    img += np.random.default_rng(0).integers(0, 20, img.shape, dtype=np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:30, 5:25] = 255
+    Image.fromarray(img).save(tmp_path / "i.png")
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    case = {"image": str(tmp_path / "i.png"), "label": str(tmp_path / "m.png")}
+    plain = segmentation_transforms_2d(64, augment=False)(case)
+    chain = segmentation_transforms_2d(64, augment=True)
+    chain.set_random_state(seed=0)
+    changed = 0
+    for _ in range(12):
+        out = chain(case)
+        label = out["label"][0].numpy()
+        assert set(np.unique(label)) <= {0.0, 1.0}
+        bright = out["image"][0].numpy() > 0.5 * float(out["image"].max())
+        # the lesion region of the image and the mask stay aligned (IoU of the bright region and the mask)
+        iou = (bright & (label > 0)).sum() / max(1, (bright | (label > 0)).sum())
+        assert iou > 0.7, iou
+        changed += int(not np.array_equal(label, plain["label"][0].numpy()))
+    assert changed >= 4  # the spatial transforms fire

@@ -19,14 +19,13 @@ from monai.transforms import (
     EnsureChannelFirstd,
     EnsureTyped,
     MapTransform,
-    RandAffined,
-    RandFlipd,
     Resized,
     SaveImaged,
     ScaleIntensityd,
 )
 
 from monai_ssl.data.readers import pil_full_depth
+from monai_ssl.data.augment import augmentation_2d
 from monai_ssl.data.transforms import (
     MIN_IMAGE_SIZE_2D,
     BinarizeLabeld,
@@ -95,10 +94,7 @@ def _chain_2d(
         transforms.append(BinarizeLabeld(keys=label_key))
     transforms += [ScaleIntensityd(keys=image_key), Resized(keys=keys, spatial_size=_pair(spatial_size), mode=modes)]
     if augment:
-        transforms += [
-            RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
-            RandAffined(keys=keys, prob=0.3, rotate_range=0.2, scale_range=0.1, mode=modes, padding_mode="zeros"),
-        ]
+        transforms += augmentation_2d(keys, label_key)
     transforms.append(EnsureTyped(keys=keys, dtype=torch.float32))
     return Compose(transforms)
 
@@ -109,7 +105,8 @@ def segmentation_transforms_2d(
     """Load an image + binary mask pair, check it, scale to [0, 1] and resize to ``spatial_size``.
 
     Checks (with errors naming the case): image and mask of the same size, at most two mask
-    values, finite intensities. ``augment`` adds random left-right flips and a mild affine.
+    values, finite intensities. ``augment`` adds the shared 2D augmentation
+    (:func:`monai_ssl.data.augment.augmentation_2d`: flips, small rotation and zoom, intensity jitter).
     """
     return _chain_2d(keys, keys[1], spatial_size, augment)
 
