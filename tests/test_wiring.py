@@ -256,3 +256,107 @@ def test_dual_teacher_bundle_starts_student_and_ema_teacher_from_the_static_teac
     for name in ("network", "teacher"):
         for key in static:
             assert torch.equal(seen[name][key], static[key]), f"{name}.{key} does not start from the static teacher"
+
+
+# ----------------------------------------------------------------------------- bundle defaults vs the methods spec
+#
+# The numbers below are the constants of /work/shared/docs/methods_spec.md (sections named per line),
+# hard-coded on purpose: this is the pin. The values they are compared with are read from the bundle
+# configs through monai.bundle.ConfigParser, as a run resolves them (the components are instantiated
+# where that is cheap, with tiny stand-in networks), so a default changed in a config, or an id no
+# longer passed to its component, fails here.
+
+
+def _bundle_parser(bundle: str, **stand_ins: str) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(str(REPO_ROOT / "bundles" / bundle / "configs" / "train.json"))
+    for name, expression in stand_ins.items():
+        parser[name] = expression
+    return parser
+
+
+def _handler(parser: ConfigParser, target_suffix: str) -> Any:
+    handlers = parser["train"]["handlers"]
+    index = next(i for i, h in enumerate(handlers) if str(h.get("_target_", "")).endswith(target_suffix))
+    return parser.get_parsed_content(f"train#handlers#{index}")
+
+
+def test_dual_teacher_bundle_defaults_are_the_methods_spec_constants() -> None:
+    tiny = "$torch.nn.Conv2d(1, 1, 1)"
+    parser = _bundle_parser("dual_teacher", network=tiny, teacher=tiny, static_teacher=tiny)
+    get = parser.get_parsed_content
+    objective = get("objective")
+    # spec 1.4, Eq.1: lambda_u = 1, lambda_c = 0.5, constant
+    assert (objective.lambda_u, objective.lambda_c) == (1.0, 0.5)
+    # spec 1.4, UEWF: patch P = 16, patchified; soft targets; both teachers; AURCL on
+    assert (objective.patch_size, objective.patchify, objective.use_uewf) == (16, True, True)
+    assert (objective.hard_pseudo_labels, objective.use_static_teacher, objective.use_dynamic_teacher) == (False, True, True)
+    # spec 1.4, AURCL Eq.11-15: r = 0.20, tau_min = 0.7, dynamic threshold, tau = 0.1, P = 16
+    aurcl = objective.contrastive
+    assert objective.use_aurcl and aurcl.dynamic_threshold
+    assert (aurcl.ratio, aurcl.tau_min, aurcl.temperature, aurcl.patch_size) == (0.2, 0.7, 0.1, 16)
+    # spec 1.4, EMA: theta_d <- alpha theta_d + (1 - alpha) theta_S every iteration, alpha = 0.995
+    ema = _handler(parser, "EMATeacher")
+    assert [ema.alpha(t) for t in (1, 10, 1000)] == pytest.approx([0.995] * 3)
+    # spec 1.4, optimisation: Adam (default betas), lr 1e-4; ReduceLROnPlateau on validation Dice, factor 0.5, patience 10
+    optimizer = get("optimizer")
+    assert isinstance(optimizer, torch.optim.Adam)
+    assert optimizer.defaults["lr"] == 1e-4 and optimizer.defaults["betas"] == (0.9, 0.999)
+    scheduler = get("lr_scheduler")
+    assert isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert (scheduler.mode, scheduler.factor, scheduler.patience) == ("max", 0.5, 10)
+    # spec 1.4: 100 epochs, 4 labelled + 4 unlabelled, no augmentation; spec 1.1: 224 x 224 input
+    assert get("train#trainer#max_epochs") == 100
+    assert (get("train#dataloader#batch_size"), get("train#unlabeled_dataloader#batch_size")) == (4, 4)
+    assert get("train#preprocessing#augment") is False and get("train#unlabeled_preprocessing#augment") is False
+    assert get("train#preprocessing#spatial_size") == 224
+    # spec 1.2: the three appearance prompts; spec 1.3: delta = 0.01, STWP as stage 3 (Adam 1e-4, 100 epochs)
+    assert list(get("appg#prompts")) == ["dark oval", "dark round", "dark lobulated"]
+    assert get("appg#min_foreground") == 0.01
+    assert (get("stwp#learning_rate"), get("stwp#max_epochs")) == (1e-4, 100)
+
+
+def test_dual_network_3d_bundle_defaults_are_the_methods_spec_constants() -> None:
+    from monai_ssl.losses.dual_3d import entropy_filter
+
+    parser = _bundle_parser("dual_network_3d", network="$monai_ssl.networks.DualNetwork3D(n_filters=2, resnet_layers=(1, 1, 1, 1))")
+    get = parser.get_parsed_content
+    objective = get("objective")
+    assert objective.code_faithful is False  # the paper's losses are the default
+    # spec 4.2, Eq.2 / Eq.4-6: beta = 0.5 (LA), T = 0.6, XOR mask
+    assert (objective.beta, objective.threshold, objective.cr_mask) == (0.5, 0.6, "xor")
+    # spec 4.2, CCE: thresholded CPS on; EFS alpha = 70 % (LA, Table 7): of 100 voxels whose entropies
+    # are distinct, the ones at or above the 70th percentile (30 of them) are ignored
+    assert objective.use_cps is True
+    assert PAPER_ENTROPY_PERCENTILE == {"LA": 70.0, "Pancreas": 80.0, "BraTS": 30.0} and CODE_ENTROPY_PERCENTILE == 20.0
+    fg = torch.linspace(0.01, 0.49, 100).reshape(1, 1, 100, 1, 1)
+    prob = torch.cat([1 - fg, fg], dim=1)
+    assert int(entropy_filter(prob, prob, objective.entropy_percentile, objective.code_faithful).ignore.sum()) == 30
+    # spec 4.2, UE: T = 0.5, V-Net -> ResNet only, untempered teacher softmax in the KL
+    assert objective.temperature == 0.5 and objective.kl_bidirectional is False and objective.kl_sharpened is False
+    # spec 4.2, PGL: A/B agreement (paper), third term kept, loser routing, 1 % sampled,
+    # lambda_c(t) = 0.1 exp(-5 (1 - min(t // 150, 40) / 40)^2)
+    assert objective.pgl_agreement in (None, True) and objective.pgl_third_term is True
+    assert (objective.pgl_routing, objective.pgl_sample_fraction) == ("loser", 0.01)
+    for t in (0, 149, 150, 3000, 5999, 6000, 9000):
+        expected = 0.1 * math.exp(-5 * (1 - min(t // 150, 40) / 40) ** 2)
+        assert objective.pgl_weight(t) == pytest.approx(expected, rel=1e-12), t
+    # spec 4.3: SGD lr 0.01, momentum 0.9, weight decay 1e-4 for both subnets; x0.1 every 2500 iterations; 6000 iterations
+    for opt_id, sched_id in (("optimizer", "lr_scheduler"), ("optimizer_vnet", "lr_scheduler_vnet")):
+        optimizer = get(opt_id)
+        assert isinstance(optimizer, torch.optim.SGD), opt_id
+        assert (optimizer.defaults["lr"], optimizer.defaults["momentum"], optimizer.defaults["weight_decay"]) == (0.01, 0.9, 1e-4)
+        scheduler = get(sched_id)
+        assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR) and (scheduler.step_size, scheduler.gamma) == (2500, 0.1)
+    assert get("train#trainer#max_epochs") * get("train#trainer#epoch_length") == 6000
+    # spec 4.3: batch 2 labelled + 2 unlabelled, seed 1337, LA crop 112 x 112 x 80
+    assert (get("train#dataloader#batch_size"), get("train#unlabeled_dataloader#batch_size")) == (2, 2)
+    assert get("seed") == 1337 and list(get("train#preprocessing#crop_size")) == [112, 112, 80]
+    # spec 4.3, inference: LA window 112 x 112 x 80, stride 18 x 18 x 4
+    inferer = get("validate#inferer")
+    assert tuple(inferer.roi_size) == (112, 112, 80)
+    assert tuple(int(r * (1 - o)) for r, o in zip(inferer.roi_size, inferer.overlap)) == (18, 18, 4)
+    # spec 4.1: V-Net n_filters 16, ResNet-34 blocks 3-4-6-3, Dropout3d 0.5
+    net_def = parser["network_def"]
+    assert (get("network_def#n_filters"), list(get("network_def#resnet_layers")), get("network_def#dropout")) == (16, [3, 4, 6, 3], 0.5)
+    assert net_def["_target_"].endswith("DualNetwork3D")
