@@ -42,14 +42,16 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-METHODS = ("dual_network_3d", "supervised_vnet", "dual_network_3d_code", "dual_network_3d_rampup")
+METHODS = ("dual_network_3d", "supervised_vnet", "dual_network_3d_code", "dual_network_3d_rampup", "dual_network_3d_ue_sharp2way")
 #: The bundle's settings per dual-network variant: the paper's losses (default), the authors' code, or the
 #: paper's losses with the unsupervised terms ramped up over the whole budget (``unsup_rampup``; the
-#: authors ramp their consistency weight over all 6000 iterations: 40 "epochs" of 150).
+#: authors ramp their consistency weight over all 6000 iterations: 40 "epochs" of 150), or the paper's
+#: losses with the UE of earlier versions' paper mode (both directions, sharpened teacher in the KL).
 DUAL_VARIANTS: dict[str, dict[str, Any]] = {
     "dual_network_3d": {},
     "dual_network_3d_code": {"code_faithful": True},
     "dual_network_3d_rampup": {"unsup_rampup": "iterations"},
+    "dual_network_3d_ue_sharp2way": {"kl_bidirectional": True, "kl_sharpened": True},
 }
 METRICS = ("dice", "iou", "hd95", "asd")
 CONFIGS = REPO_ROOT / "bundles" / "dual_network_3d" / "configs"
@@ -288,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--methods", nargs="+", default=list(METHODS[:2]), choices=METHODS,
                    help="dual_network_3d (paper losses), supervised_vnet, dual_network_3d_code (code_faithful), "
-                   "dual_network_3d_rampup (paper losses, unsupervised terms ramped up over the budget)")
+                   "dual_network_3d_rampup (paper losses, unsupervised terms ramped up over the budget), "
+                   "dual_network_3d_ue_sharp2way (paper losses, UE two-way with the sharpened teacher in the KL)")
     p.add_argument("--reuse", action="store_true", help="reuse a method's <out>/<method>.json from an earlier run")
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)

@@ -160,17 +160,20 @@ def test_percentile_matches_numpy() -> None:
         assert percentile(x, q).item() == pytest.approx(np.percentile(x.numpy(), q), rel=1e-6, abs=1e-6)
 
 
-def test_uncertainty_rectified_loss_with_and_without_temperature() -> None:
+def test_uncertainty_rectified_loss_untempered_kl_by_default_sharpened_on_switch() -> None:
+    """Spec 4.2: T enters only the pseudo-label; ``sharpened_kl`` puts softmax(z_t / T) in the KL."""
     student = torch.zeros(1, 2, 1, 1, 1, requires_grad=True)  # p_s = (0.5, 0.5)
     teacher = torch.tensor([0.0, math.log(3)]).reshape(1, 2, 1, 1, 1).requires_grad_()  # p_t = (0.25, 0.75)
     ce = math.log(2)  # CE(z_s, argmax p_t = 1)
-    kl_code = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
-    kl_paper = 0.1 * math.log(0.1 / 0.5) + 0.9 * math.log(0.9 / 0.5)  # softmax(z_t / 0.5) = (0.1, 0.9)
-    code = uncertainty_rectified_loss(student, teacher, temperature=0.5, code_faithful=True)
-    paper = uncertainty_rectified_loss(student, teacher, temperature=0.5)
-    assert code.item() == pytest.approx(math.exp(-kl_code) * ce + kl_code, rel=1e-6)
-    assert paper.item() == pytest.approx(math.exp(-kl_paper) * ce + kl_paper, rel=1e-6)
-    paper.backward()
+    kl_plain = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    kl_sharp = 0.1 * math.log(0.1 / 0.5) + 0.9 * math.log(0.9 / 0.5)  # softmax(z_t / 0.5) = (0.1, 0.9)
+    default = uncertainty_rectified_loss(student, teacher, temperature=0.5)
+    sharp = uncertainty_rectified_loss(student, teacher, temperature=0.5, sharpened_kl=True)
+    assert default.item() == pytest.approx(math.exp(-kl_plain) * ce + kl_plain, rel=1e-6)  # 0.5506
+    assert sharp.item() == pytest.approx(math.exp(-kl_sharp) * ce + kl_sharp, rel=1e-6)  # 0.7679
+    # T changes nothing without the switch (it only enters an argmax)
+    assert uncertainty_rectified_loss(student, teacher, temperature=0.1).item() == pytest.approx(default.item(), rel=1e-7)
+    sharp.backward()
     assert student.grad.abs().sum() > 0 and teacher.grad is None  # the teacher is detached
 
 

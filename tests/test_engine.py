@@ -65,8 +65,42 @@ def test_ema_update_matches_formula_and_moves_toward_student() -> None:
         else:
             assert torch.equal(t_after, s_val)
     assert all(not p.requires_grad for p in teacher.parameters())
-    assert ema.alpha(1) == pytest.approx(0.5) or not ema.warmup
-    assert EMATeacher(tiny_net(), tiny_net(), decay=0.99).alpha(1) == pytest.approx(0.5)
+
+
+def test_ema_alpha_with_and_without_warmup() -> None:
+    """alpha(t) = min(1 - 1/(t+1), decay) with the warm-up, the constant decay without it."""
+    fixed = EMATeacher(tiny_net(), tiny_net(), decay=0.9, warmup=False)
+    assert [fixed.alpha(t) for t in (1, 5, 1000)] == pytest.approx([0.9, 0.9, 0.9])
+    warm = EMATeacher(tiny_net(), tiny_net(), decay=0.99)
+    assert [warm.alpha(t) for t in (1, 3, 99, 1000)] == pytest.approx([0.5, 0.75, 0.99, 0.99])
+
+
+def test_ema_update_uses_the_student_after_each_optimiser_step() -> None:
+    """In a real trainer, after iteration t the teacher is ``alpha(t) teacher_{t-1} + (1 - alpha(t))
+    student_t`` with ``student_t`` the weights *after* that step's optimiser update; an EMA fired
+    before the step would average in the previous weights."""
+    trainer, net, teacher, _ = make_trainer(max_epochs=1)
+    (ema,) = {h for handlers in trainer._event_handlers.values() for h, *_ in handlers if isinstance(h, EMATeacher)}
+    checked = []
+
+    def before(engine) -> None:
+        engine.state.teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+        engine.state.student_before = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def after(engine) -> None:
+        alpha = ema.alpha(engine.state.iteration)
+        for name, s_after in net.state_dict().items():
+            if not s_after.is_floating_point():
+                continue
+            expected = alpha * engine.state.teacher_before[name] + (1 - alpha) * s_after
+            torch.testing.assert_close(teacher.state_dict()[name], expected, msg=f"{name}, iteration {engine.state.iteration}")
+        assert any(not torch.equal(engine.state.student_before[k], v) for k, v in net.state_dict().items())
+        checked.append(engine.state.iteration)
+
+    trainer.add_event_handler(Events.ITERATION_STARTED, before)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, after)
+    trainer.run()
+    assert checked == [1, 2, 3]
 
 
 @pytest.mark.parametrize("joint_batch", [True, False])
@@ -108,16 +142,37 @@ def test_trainer_fires_all_events_and_reports_terms() -> None:
     torch.testing.assert_close(out["loss"], out["loss_sup"] + out["loss_cons"])
 
 
-def test_teacher_follows_student_and_frozen_teacher_does_not_move() -> None:
+def test_ema_teacher_follows_the_student() -> None:
     trainer, net, teacher, _ = make_trainer(max_epochs=1)
-    frozen = freeze(tiny_net())
-    frozen_before = {k: v.clone() for k, v in frozen.state_dict().items()}
     t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
     trainer.run()
     moved = any(not torch.equal(t0[k], v) for k, v in teacher.state_dict().items())
     assert moved, "EMA teacher did not move"
-    assert all(torch.equal(frozen_before[k], v) for k, v in frozen.state_dict().items())
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_frozen_teacher_used_in_training_does_not_move() -> None:
+    """A static (frozen) teacher that the objective calls every step: its weights and BatchNorm
+    statistics stay as they were, it gets no gradient, and the student still trains."""
+    set_determinism(0)
+    net, frozen = tiny_net(), freeze(tiny_net())
+    calls = []
+    frozen.register_forward_hook(lambda *_: calls.append(1))
+    trainer = SemiSupervisedTrainer(
+        device="cpu", max_epochs=1, train_data_loader=DataLoader(blob_batch(4, seed=1), batch_size=2),
+        network=net, optimizer=torch.optim.Adam(net.parameters(), lr=1e-3),
+        objective=MeanTeacherObjective(DiceCELoss(sigmoid=True), frozen, consistency_weight=1.0),
+        unlabeled_data_loader=DataLoader([{"image": c["image"]} for c in blob_batch(4, seed=2)], batch_size=2),
+        epoch_length=2, decollate=False,
+    )
+    frozen_before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    student_before = {k: v.clone() for k, v in net.state_dict().items()}
+    trainer.run()
+    assert len(calls) == 2, "the frozen teacher was not used by the objective"
+    for k, v in frozen.state_dict().items():
+        assert torch.equal(frozen_before[k], v), f"frozen teacher moved: {k}"
+    assert all(p.grad is None for p in frozen.parameters())
+    assert any(not torch.equal(student_before[k], v) for k, v in net.state_dict().items())
 
 
 def test_no_unlabeled_data_warns_and_trains_supervised() -> None:

@@ -15,8 +15,9 @@ consistency        mean squared difference of the two subnets' softmax outputs
 CPS (Eq. 7-8)      ``CE(z_A, 1[p_B,fg > T]) + CE(z_B, 1[p_A,fg > T])``
 EFS (Eq. 9-11)     union pseudo-label; a voxel is ignored where both entropies reach their
                    subnet's alpha-percentile; ``N / N_valid * sum_k CE_valid(z_k)``
-UE (Eq. 13-15)     ``mean(exp(-KL) * CE(z_s, argmax p~_t)) + mean(KL)``, KL(p~_t || p_s) with
-                   the teacher tempered, ``p~_t = softmax(z_t / T)``, T = 0.5
+UE (Eq. 13-15)     ``mean(exp(-KL) * CE(z_s, argmax p~_t)) + mean(KL)``, ``p~_t = softmax(z_t / T)``,
+                   T = 0.5, only for the pseudo-label; KL(p_t || p_s) with the untempered teacher
+                   softmax (methods spec 4.2; ``sharpened_kl`` puts p~_t in the KL)
 PGL (Eq. 16-20)    prototypes from reliable voxels (not ignored, A/B agree); uncertain voxels
                    pulled to their class prototype; with gradient
 lambda_c(t)        ``0.1 * exp(-5 (1 - min(t // 150, 40) / 40)^2)``
@@ -33,9 +34,12 @@ lambda_c(t)        ``0.1 * exp(-5 (1 - min(t // 150, 40) / 40)^2)``
 * EFS: the cross-entropy is taken on *detached softmax probabilities used as logits*, so the
   term carries no gradient (:func:`entropy_filtered_loss`).
 * CPS: the code has no thresholded CPS term (the objective leaves it out).
-* UE: the KL is against the untempered teacher softmax (T changes nothing in the code, since it
-  only enters an argmax) (:func:`uncertainty_rectified_loss`); the code applies UE in one
-  direction only, V-Net teaching ResNet (the objective's ``kl_bidirectional``).
+* UE: nothing differs. The code's KL is against the untempered teacher softmax (T only enters an
+  argmax, so it changes nothing) and UE runs in one direction, V-Net teaching ResNet; the
+  methods spec (4.2) reads the paper the same way, so both are the default in both modes. The
+  other reading (sharpened teacher inside the KL, both directions) is a switch:
+  :func:`uncertainty_rectified_loss`'s ``sharpened_kl``, the objective's ``kl_sharpened`` and
+  ``kl_bidirectional``.
 * PGL: computed under ``no_grad`` (no gradient at all) and without the A/B agreement check
   (:func:`prototype_contrastive_loss`).
 
@@ -258,15 +262,16 @@ def entropy_filtered_loss(
 
 
 def uncertainty_rectified_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 0.5, code_faithful: bool = False
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 0.5, sharpened_kl: bool = False
 ) -> torch.Tensor:
     """UE (Eq. 13-15, Zheng & Yang 2021): pseudo-supervision of the student, down-weighted by the KL.
 
     ``yhat = argmax softmax(z_t / T)``, ``D(v) = KL(p_t(v) || p_s(v))`` over the class axis and
     ``L = mean(exp(-D) * CE(z_s, yhat)) + mean(D)``. The teacher is detached; the weight
-    ``exp(-D)`` keeps its gradient into the student, as in the reference code. The paper
-    tempers the teacher distribution (``p_t = softmax(z_t / T)``) so that T matters; with
-    ``code_faithful`` the KL uses the untempered teacher softmax, as the authors' code.
+    ``exp(-D)`` keeps its gradient into the student, as in the reference code. By default
+    ``p_t = softmax(z_t)`` (untempered), as the methods spec (4.2) and the authors' code: T only
+    enters the pseudo-label's argmax, where it changes nothing. ``sharpened_kl`` uses the
+    temperature-sharpened ``p_t = softmax(z_t / T)`` inside the KL (the other reading of the paper).
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} differ in shape")
@@ -274,7 +279,7 @@ def uncertainty_rectified_loss(
         raise ValueError(f"temperature must be positive, got {temperature}")
     teacher_logits = teacher_logits.detach()
     pseudo_label = teacher_logits.argmax(dim=1)  # argmax softmax(z / T) == argmax z for T > 0
-    p_t = F.softmax(teacher_logits if code_faithful else teacher_logits / temperature, dim=1)
+    p_t = F.softmax(teacher_logits / temperature if sharpened_kl else teacher_logits, dim=1)
     kl = F.kl_div(F.log_softmax(student_logits, dim=1), p_t, reduction="none").sum(dim=1)
     ce = F.cross_entropy(student_logits, pseudo_label, reduction="none")
     return (torch.exp(-kl) * ce).mean() + kl.mean()

@@ -78,7 +78,8 @@ class DualNetwork3DObjective:
     * ``loss_sup_resnet`` / ``loss_sup_vnet``: ``CE + Dice`` on the labelled half;
     * ``loss_cr``: ``beta * (L_cr^A + L_cr^B)``, the confidence-masked MSE to the label;
     * ``loss_consistency``: ``consistency_weight *`` the subnets' prediction consistency (whole batch);
-    * ``loss_kl``: UE, B teaching A, plus A teaching B when ``kl_bidirectional`` (whole batch);
+    * ``loss_kl``: UE, B (V-Net) teaching A (ResNet), plus A teaching B when ``kl_bidirectional``
+      (whole batch);
     * ``loss_cps``: thresholded cross pseudo supervision (unlabelled half);
     * ``loss_efs``: entropy-filtered supervision with the union pseudo-label (unlabelled half);
     * ``loss_pgl``: ``lambda_c(t) *`` the prototype loss on the unlabelled half, computed on the
@@ -97,8 +98,13 @@ class DualNetwork3DObjective:
         consistency_weight: weight of ``loss_consistency`` (1 in the code).
         use_cps: add the CPS term; ``None``: yes unless ``code_faithful`` (the code has none).
         entropy_percentile: EFS alpha in % (paper: LA 70, Pancreas 80, BraTS 30); ``None``: 70, or 20 if ``code_faithful``.
-        temperature: UE temperature T.
-        kl_bidirectional: UE in both directions; ``None``: yes unless ``code_faithful`` (V-Net -> ResNet only).
+        temperature: UE temperature T (sharpens the teacher for the pseudo-label, and inside the KL
+            only with ``kl_sharpened``).
+        kl_bidirectional: UE in both directions; off (``None`` too), in both modes: the methods spec
+            (4.2) and the code have V-Net -> ResNet only.
+        kl_sharpened: the KL against the temperature-sharpened teacher ``softmax(z_t / T)``; off
+            (default, spec 4.2 and code): against the untempered ``softmax(z_t)``. Switches on, with
+            ``kl_bidirectional``, the UE of earlier versions' paper mode.
         pgl_weight: lambda_c as a function of the 0-based iteration, or a constant.
         pgl_agreement: require A/B agreement for reliable voxels; ``None``: yes unless ``code_faithful``.
         pgl_third_term: keep PGL's prototype-to-prototype term (Table 6 ablation).
@@ -125,6 +131,7 @@ class DualNetwork3DObjective:
         entropy_percentile: float | None = None,
         temperature: float = 0.5,
         kl_bidirectional: bool | None = None,
+        kl_sharpened: bool = False,
         pgl_weight: Callable[[int], float] | float = contrastive_weight,
         pgl_agreement: bool | None = None,
         pgl_third_term: bool = True,
@@ -152,7 +159,8 @@ class DualNetwork3DObjective:
         self.use_cps = (not code_faithful) if use_cps is None else use_cps
         self.entropy_percentile = entropy_percentile
         self.temperature = temperature
-        self.kl_bidirectional = (not code_faithful) if kl_bidirectional is None else kl_bidirectional
+        self.kl_bidirectional = bool(kl_bidirectional)
+        self.kl_sharpened = kl_sharpened
         self.pgl_weight = pgl_weight if callable(pgl_weight) else (lambda _t, w=float(pgl_weight): w)
         self.pgl_agreement = pgl_agreement
         self.pgl_third_term = pgl_third_term
@@ -179,9 +187,9 @@ class DualNetwork3DObjective:
         out["loss_cr"] = self.beta * (cross_reliable_loss(p_a[:n_l], y, mask) + cross_reliable_loss(p_b[:n_l], y, mask))
         if self.consistency != "none":
             out["loss_consistency"] = self.consistency_weight * prediction_consistency_loss(p_a, p_b, self.consistency)
-        kl = uncertainty_rectified_loss(z_a, z_b, self.temperature, self.code_faithful)
+        kl = uncertainty_rectified_loss(z_a, z_b, self.temperature, self.kl_sharpened)  # V-Net teaches ResNet
         if self.kl_bidirectional:
-            kl = kl + uncertainty_rectified_loss(z_b, z_a, self.temperature, self.code_faithful)
+            kl = kl + uncertainty_rectified_loss(z_b, z_a, self.temperature, self.kl_sharpened)
         out["loss_kl"] = kl
         if unlabeled is None:
             return self._ramp(out, engine)
