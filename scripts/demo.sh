@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-PY=.venv/bin/python
+PY="${MONAI_SSL_VENV:-.venv}/bin/python"
 BUNDLE=bundles/${BUNDLE:-dual_teacher}
 SHORT=(--max_epochs 10 --epoch_length 30 --spatial_size 128)
 if [[ $BUNDLE == */dual_teacher ]]; then

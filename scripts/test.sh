@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+exec "${MONAI_SSL_VENV:-.venv}/bin/python" -m pytest -q -p no:cacheprovider "$@"
