@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from monai_ssl.handlers.checkpoint import is_rank0
 from monai_ssl.utils import atomic_write, remove_stale_temps
 
 from .metrics import _to_numpy, case_metrics
@@ -102,7 +103,7 @@ class MetricsLogger:
 
         The file is rewritten atomically, and only when something is removed (rank 0 only).
         """
-        if idist.get_rank() != 0 or not self.log_path.is_file():
+        if not is_rank0() or not self.log_path.is_file():
             return 0
         remove_stale_temps(self.log_path)
         kept, dropped = [], 0
@@ -148,7 +149,7 @@ class MetricsLogger:
 
     def _append(self, trainer: Engine, values: dict[str, float]) -> None:
         """Write one line (rank 0 only), flushed and fsynced."""
-        if idist.get_rank() != 0:
+        if not is_rank0():  # not idist.get_rank(): its first call is a collective, which would hang DDP here
             return
         stage = {} if self.stage is None else {"stage": self.stage}
         line = json.dumps({**stage, "epoch": trainer.state.epoch, "iteration": trainer.state.iteration, **values})
