@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from monai.bundle import ConfigWorkflow
@@ -14,6 +16,15 @@ from monai_ssl.data.synthetic import default_cache_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLES_2D = ["supervised", "mean_teacher", "dual_teacher"]
+
+
+def load_script(name: str) -> ModuleType:
+    """Import ``scripts/<name>.py`` as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO_ROOT / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def error_messages(exc: BaseException | None) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 import traceback
@@ -18,6 +17,8 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from PIL import Image, ImageDraw
 from scipy import ndimage
+
+from bundle_utils import load_script
 
 from monai_ssl.data import (
     BinarizeLabeld,
@@ -36,23 +37,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def _load_script(name: str) -> ModuleType:
-    """Import ``scripts/<name>.py`` as a module (the scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def prepare_data() -> ModuleType:
-    return _load_script("prepare_data")
+    return load_script("prepare_data")
 
 
 @pytest.fixture(scope="module")
 def make_datalist() -> ModuleType:
-    return _load_script("make_datalist")
+    return load_script("make_datalist")
 
 
 def _touch(root: Path, *rels: str) -> None:

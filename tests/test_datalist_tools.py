@@ -3,7 +3,6 @@ unlabelled count and splits by a group id so that one subject never straddles tr
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
@@ -12,23 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-
-def _load_script(name: str) -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"script_{name}_tools", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bundle_utils import load_script
 
 
 @pytest.fixture(scope="module")
 def prepare_data() -> ModuleType:
-    return _load_script("prepare_data")
+    return load_script("prepare_data")
 
 
 @pytest.fixture(scope="module")
 def make_datalist() -> ModuleType:
-    return _load_script("make_datalist")
+    return load_script("make_datalist")
 
 
 def _gray(path: Path, shape: tuple[int, int] = (40, 60)) -> None:
