@@ -21,6 +21,7 @@ __all__ = [
     "atomic_path",
     "atomic_write",
     "remove_stale_temps",
+    "remove_stale_temps_in",
     "safe_torch_load",
 ]
 
@@ -138,6 +139,22 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
             removed.append(candidate)
     return removed
 
+
+
+def remove_stale_temps_in(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Remove every temporary file that :func:`atomic_path` left in ``folder`` (and, with
+    ``recursive``, its sub-folders) in a killed run: files named ``.<name>.<8 characters>.tmp``,
+    no other file. For stores with many files (APPG masks); call it while holding the store's lock."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    pattern = re.compile(r"\..+" + _TEMP_INFIX)
+    removed = []
+    for candidate in root.rglob(".*.tmp") if recursive else root.glob(".*.tmp"):
+        if pattern.fullmatch(candidate.name) and candidate.is_file() and not candidate.is_symlink():
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
 
 def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint", remedy: str = "", map_location: Any = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` with errors that name the file and say what to do.

@@ -755,3 +755,17 @@ def test_appg_stage_calibrates_from_the_labelled_list_by_default(bright_set, tmp
     assert plain["config"]["calibration"] is None and plain["config"]["prompts"] == ["dark oval", "dark round", "dark lobulated"]
     assert plain["config_hash"] != manifest["config_hash"]
     assert json.loads((tmp_path / "none" / "report" / "appg_report.json").read_text())["labelled_check"] is None
+
+
+def test_a_run_removes_the_temporary_files_a_killed_run_left_in_the_store(images, dataset, tmp_path) -> None:
+    """Temporary files of atomic writes (``.<name>.<8 chars>.tmp``) in the store and its mask
+    folder are removed when APPG starts; files of any other name are kept."""
+    out = tmp_path / "store"
+    (out / "masks").mkdir(parents=True)
+    stale = [out / ".manifest.json.ab12cd34.tmp", out / "masks" / ".case_0.png.0f0f0f0f.tmp"]
+    kept = [out / "masks" / "notes.tmp", out / ".hidden.json"]
+    for path in stale + kept:
+        path.write_bytes(b"partial")
+    _run(images[:2], out, BoxFillSegmenter(), dataset)
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in kept)

@@ -104,7 +104,7 @@ from tqdm import tqdm
 from monai_ssl.foundation.appearance import DEFAULT_PROMPTS, BoxProposal, box_iou, prompt_brightness
 from monai_ssl.foundation.interfaces import BoxProposer, PromptableSegmenter
 from monai_ssl.foundation.litemedsam import BoxSegmentation
-from monai_ssl.utils import atomic_path, atomic_write
+from monai_ssl.utils import atomic_path, atomic_write, remove_stale_temps_in
 
 __all__ = [
     "CANDIDATE_POLICIES",
@@ -865,6 +865,9 @@ def run_appg(
                  threads_per_worker=threads_per_worker),
         )
     with store_lock(out_dir):
+        stale = remove_stale_temps_in(out_dir)  # left by a run killed mid-write
+        if stale:
+            logger.info("APPG: removed %d temporary file(s) a killed run left in %s", len(stale), out_dir)
         manifest_path = out_dir / MANIFEST_NAME
         existing = _read_json(manifest_path)
         if (
