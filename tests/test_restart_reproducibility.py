@@ -89,6 +89,10 @@ class _OneImageAPPG:
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
 
+    def image_count(self) -> int:
+        """One unlabelled image (the warm-up skips APPG when there are none)."""
+        return 1
+
     def run(self) -> Path:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         manifest = {"complete": True, "config_hash": "fixed",

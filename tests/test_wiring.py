@@ -314,7 +314,11 @@ def test_dual_teacher_bundle_defaults_are_the_methods_spec_constants() -> None:
     assert get("train#preprocessing#augment") is False and get("train#unlabeled_preprocessing#augment") is False
     assert get("train#preprocessing#spatial_size") == 224
     # spec 1.2: the three appearance prompts; spec 1.3: delta = 0.01, STWP as stage 3 (Adam 1e-4, 100 epochs)
-    assert list(get("appg#prompts")) == ["dark oval", "dark round", "dark lobulated"]
+    # (null = the calibration's prompts, else the paper's three; with no calibration, the paper's)
+    from monai_ssl.pseudo.calibration import calibrated_prompts
+
+    assert get("appg#prompts") is None
+    assert calibrated_prompts(get("appg#prompts"), None) == ["dark oval", "dark round", "dark lobulated"]
     assert get("appg#min_foreground") == 0.01
     assert (get("stwp#learning_rate"), get("stwp#max_epochs")) == (1e-4, 100)
 
