@@ -16,6 +16,7 @@ from typing import Any
 
 __all__ = [
     "MissingFileError",
+    "SettingError",
     "UnsafeCheckpointError",
     "UserError",
     "atomic_path",
@@ -61,6 +62,11 @@ def _user_error_in_chain(exc: BaseException | None) -> UserError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+class SettingError(UserError, ValueError):
+    """A wrong setting (a command-line value, a value that disagrees with a model card): a
+    ``ValueError`` that, uncaught, prints as one ``error: ...`` line like every :class:`UserError`."""
 
 
 def _install_brief_excepthook() -> None:

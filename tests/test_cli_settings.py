@@ -309,7 +309,8 @@ def test_cli_bad_value_stops_at_start_up(bundle: str, configs: list[str], switch
     result = _cli(bundle, configs, *tiny, f"--bundle_root={tmp_path}", switch, timeout=300)
     value = switch.split("=", 1)[1]
     assert result.returncode != 0, "the run went on with a bad value"
-    assert f"ValueError: setting '{sid}': got '{value}' (str); accepted:" in result.stdout, result.stdout[-3000:]
+    assert f"error: setting '{sid}': got '{value}' (str); accepted:" in result.stdout, result.stdout[-3000:]
+    assert "Traceback" not in result.stdout, "a bad setting prints one line, not a traceback"
     # stopped at the first item of `initialize`: not even the output folder was made, nothing loaded
     assert not (tmp_path / output).exists()
 

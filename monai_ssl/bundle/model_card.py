@@ -37,7 +37,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 from torch import nn
 
-from monai_ssl.utils import atomic_write
+from monai_ssl.utils import SettingError, atomic_write
 
 __all__ = ["CARD_FORMAT", "ModelCard", "ModelCardWriter", "card_path", "file_sha256"]
 
@@ -206,9 +206,9 @@ class ModelCard:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"model card {path} is not readable JSON ({err}); delete it or retrain") from err
+            raise SettingError(f"model card {path} is not readable JSON ({err}); delete it or retrain") from err
         if not isinstance(data, dict) or data.get("format") != CARD_FORMAT or not isinstance(data.get("settings"), dict):
-            raise ValueError(
+            raise SettingError(
                 f"model card {path}: expected a JSON object with format {CARD_FORMAT} and a 'settings' object, "
                 f"got format {data.get('format') if isinstance(data, dict) else type(data).__name__!r}"
             )
@@ -240,7 +240,7 @@ class ModelCard:
             if key in self.settings and _plain(value) != self.settings[key]
         ]
         if wrong:
-            raise ValueError(
+            raise SettingError(
                 f"settings disagree with the model card {self.path} of {self.model_path}: " + "; ".join(wrong)
                 + ". Drop the override (the card's values are the default) or pass the model's values; to use "
                 "the model at other settings on purpose, move the card away (the run then warns and uses the configs' values)"

@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from monai_ssl.utils import SettingError
+
 __all__ = ["BOOL_WORDS", "as_bool", "as_float", "as_int", "as_prompts", "as_size", "as_weights", "log_settings"]
 
 logger = logging.getLogger(__name__)
@@ -35,11 +37,11 @@ def _is_none(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)
 
 
-def _fail(name: str, value: Any, accepted: str, optional: bool) -> ValueError:
+def _fail(name: str, value: Any, accepted: str, optional: bool) -> SettingError:
     """The error for a bad setting: the id, the value as given, and what is accepted."""
     if optional:
         accepted += ", or null/None (the default)"
-    return ValueError(f"setting '{name}': got {value!r} ({type(value).__name__}); accepted: {accepted}")
+    return SettingError(f"setting '{name}': got {value!r} ({type(value).__name__}); accepted: {accepted}")
 
 
 def as_bool(value: Any, name: str, *, optional: bool = False) -> bool | None:
