@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
+from bundle_utils import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -27,6 +29,18 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not found: real-data test skipped")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def prepare_data() -> ModuleType:
+    """``scripts/prepare_data.py`` as a module."""
+    return load_script("prepare_data")
+
+
+@pytest.fixture(scope="module")
+def make_datalist() -> ModuleType:
+    """``scripts/make_datalist.py`` as a module."""
+    return load_script("make_datalist")
 
 
 def blob_batch(n: int, size: int = 32, seed: int = 0) -> list[dict[str, torch.Tensor]]:

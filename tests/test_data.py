@@ -18,7 +18,6 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from bundle_utils import load_script
 
 from monai_ssl.data import (
     BinarizeLabeld,
@@ -35,16 +34,6 @@ from monai_ssl.data import (
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-@pytest.fixture(scope="module")
-def prepare_data() -> ModuleType:
-    return load_script("prepare_data")
-
-
-@pytest.fixture(scope="module")
-def make_datalist() -> ModuleType:
-    return load_script("make_datalist")
 
 
 def _touch(root: Path, *rels: str) -> None:

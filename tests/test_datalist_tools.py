@@ -11,17 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from bundle_utils import load_script
-
-
-@pytest.fixture(scope="module")
-def prepare_data() -> ModuleType:
-    return load_script("prepare_data")
-
-
-@pytest.fixture(scope="module")
-def make_datalist() -> ModuleType:
-    return load_script("make_datalist")
 
 
 def _gray(path: Path, shape: tuple[int, int] = (40, 60)) -> None:
