@@ -22,7 +22,8 @@ from monai.bundle import ConfigParser
 from bundle_utils import REPO_ROOT, config_path, error_messages, tiny_overrides
 from monai_ssl.bundle import as_bool, as_float, as_int, as_size
 
-BUNDLES = ["supervised", "mean_teacher", "dual_teacher", "dual_network_3d"]
+#: every bundle in bundles/ (a new bundle is linted as soon as its configs exist)
+BUNDLES = sorted(p.name for p in (REPO_ROOT / "bundles").iterdir() if (p / "configs" / "train.json").is_file())
 #: every way a bundle's configs are combined (evaluate / multi_gpu_train are merged on train.json)
 COMBINATIONS = [["train.json"], ["train.json", "evaluate.json"], ["train.json", "multi_gpu_train.json"],
                 ["inference.json"]]
