@@ -24,7 +24,6 @@ from monai_ssl.foundation.interfaces import AutocastSegmenter, BoxProposer, Prom
 from monai_ssl.foundation.litemedsam import BoxSegmentation
 from monai_ssl.pseudo.appg import (
     DEFAULT_RERANK,
-    _choose,
     appg_report,
     mask_evidence,
     read_gray8,
@@ -32,6 +31,7 @@ from monai_ssl.pseudo.appg import (
     run_appg,
     valid_pseudo_datalist,
 )
+from monai_ssl.pseudo.selection import choose_candidate
 
 
 class CountingSegmenter:
@@ -367,11 +367,11 @@ def test_mask_evidence_and_rerank_score() -> None:
     assert rerank_score(0.1, 0.9, bad, only_iou) > rerank_score(0.9, 0.8, good, only_iou)
 
     seg = BoxSegmentation(np.stack([band, lesion, lesion | band]), np.array([0.9, 0.8, 0.7], dtype=np.float32))
-    mask, chosen, iou = _choose(seg, "rerank", [-3.0, -1.0, -2.0])
+    mask, chosen, iou = choose_candidate(seg, "rerank", [-3.0, -1.0, -2.0])
     assert chosen == [1] and iou == pytest.approx(0.8) and np.array_equal(mask, lesion)
-    assert _choose(seg, "best_iou")[1] == [0] and _choose(seg, "top_box")[1] == [0]
+    assert choose_candidate(seg, "best_iou")[1] == [0] and choose_candidate(seg, "top_box")[1] == [0]
     with pytest.raises(ValueError, match="rank"):
-        _choose(seg, "rerank")
+        choose_candidate(seg, "rerank")
 
 
 def test_rerank_weights_enter_the_config(images, dataset, tmp_path) -> None:

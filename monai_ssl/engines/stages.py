@@ -53,7 +53,8 @@ from monai_ssl.foundation.interfaces import AutocastSegmenter, BoxProposer, Prom
 from monai_ssl.handlers.checkpoint import ResumeCheckpoint, atomic_torch_save, is_rank0, unwrap
 from monai_ssl.handlers.teachers import freeze
 from monai_ssl.methods.supervised import SupervisedObjective
-from monai_ssl.pseudo.appg import DEFAULT_MIN_CHECK_DICE, config_hash, run_appg, store_lock, valid_pseudo_datalist
+from monai_ssl.pseudo.appg import DEFAULT_MIN_CHECK_DICE, run_appg
+from monai_ssl.pseudo.store import config_hash, store_lock, valid_pseudo_datalist
 from monai_ssl.pseudo.calibration import (
     CALIBRATION_VERSION,
     NoTargetError,

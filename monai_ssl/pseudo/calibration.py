@@ -46,7 +46,8 @@ import numpy as np
 
 from monai_ssl.foundation.appearance import DEFAULT_PROMPTS, DEFAULT_SHAPES, AppearanceBoxProposer, parse_prompt
 from monai_ssl.foundation.interfaces import BoxProposer, PromptableSegmenter
-from monai_ssl.pseudo.appg import DEFAULT_RERANK, mask_evidence, read_gray8, rerank_score
+from monai_ssl.pseudo.selection import DEFAULT_RERANK, mask_evidence, rerank_score
+from monai_ssl.pseudo.store import config_hash, read_gray8
 from monai_ssl.utils import atomic_write
 
 __all__ = [
@@ -359,8 +360,6 @@ def calibration_record(calibration: Mapping[str, Any] | None) -> dict[str, Any] 
     """What an APPG config hash records of a calibration: the hash of the parts that change the
     pseudo-labels (proposer settings, rerank weights, prompts) and where it came from; None for none.
     The same in ``scripts/run_appg.py`` and the bundle, so each reuses the other's results."""
-    from monai_ssl.pseudo.appg import config_hash
-
     if calibration is None:
         return None
     effective = {k: calibration.get(k) for k in ("proposer", "rerank", "prompts")}
